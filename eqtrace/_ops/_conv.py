@@ -1,0 +1,85 @@
+from collections.abc import Sequence
+
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._checks import check_operand, check_same_dtype
+from ._registry import register_etp_op
+
+
+def _conv_impl(x, w, b=None, *, stride, padding, dilation):
+    num_spatial = w.ndim - 2
+    lead = x.shape[: x.ndim - num_spatial - 1]
+    xb = x.reshape((-1,) + x.shape[len(lead) :])
+    y = lax.conv_general_dilated(
+        xb, w, window_strides=stride, padding=padding, rhs_dilation=dilation
+    )
+    y = y.reshape(lead + y.shape[1:])
+    if b is not None:
+        y = y + jnp.broadcast_to(b.reshape(b.shape + (1,) * num_spatial), y.shape)
+    return y
+
+
+conv_op = register_etp_op("etp_conv", _conv_impl, has_input=True)
+etp_conv_p = conv_op.primitive
+
+
+def _as_tuple(name: str, value, n: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(value)
+    if len(value) != n or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ValueError(f"`eqtrace.conv`: `{name}` must be a positive int or {n} of them, got {value}.")
+    return value
+
+
+def conv(
+    x: Float[Array, "in_channels *spatial"],
+    w: Float[Array, "out_channels in_channels *kernel"],
+    b: Float[Array, " out_channels"] | None = None,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    dilation: int | Sequence[int] = 1,
+) -> Float[Array, "out_channels *out_spatial"]:
+    """Tagged N-d convolution with `lax.conv_general_dilated` semantics (channels first, `OIHW` kernel).
+
+    Unbatched like Equinox's `Conv` (`x` is `(in_channels, *spatial)`); batch with `jax.vmap`.
+
+    **Arguments:**
+
+    - `x`: input, shape `(in_channels, *spatial)`.
+    - `w`: kernel, shape `(out_channels, in_channels, *kernel_size)`.
+    - `b`: optional bias, shape `(out_channels,)`.
+    - `stride`, `dilation`: an int or one per spatial axis.
+    - `padding`: `'SAME'`, `'VALID'`, or a `(low, high)` pair per spatial axis.
+
+    **Returns:**
+
+    `y`, shape `(out_channels, *out_spatial)`.
+    """
+    check_operand("w", w, (3, 4, 5), "eqtrace.conv")
+    n = w.ndim - 2
+    check_operand("x", x, n + 1, "eqtrace.conv")
+    if x.shape[0] != w.shape[1]:
+        raise ValueError(
+            f"`eqtrace.conv`: `x` has {x.shape[0]} channels (shape {tuple(x.shape)}) but `w` expects "
+            f"{w.shape[1]} (shape {tuple(w.shape)})."
+        )
+    if b is not None:
+        check_operand("b", b, 1, "eqtrace.conv")
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"`eqtrace.conv`: `b` must have shape {(w.shape[0],)}, got {tuple(b.shape)}.")
+    check_same_dtype("eqtrace.conv", x=x, w=w, b=b)
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"`eqtrace.conv`: `padding` must be 'SAME', 'VALID' or pairs, got {padding!r}.")
+        padding = padding.upper()
+    else:
+        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    params = dict(
+        stride=_as_tuple("stride", stride, n), padding=padding, dilation=_as_tuple("dilation", dilation, n)
+    )
+    operands = (x, w) if b is None else (x, w, b)
+    return etp_conv_p.bind(*operands, **params)
