@@ -6,3 +6,13 @@ from ._ops import (
     etp_matmul_p as etp_matmul_p,
     matmul as matmul,
 )
+from ._compiler import (
+    compile_etrace_graph as compile_etrace_graph,
+    ETraceGraph as ETraceGraph,
+    ExcludedWeight as ExcludedWeight,
+    HiddenGroup as HiddenGroup,
+    HiddenParamOpRelation as HiddenParamOpRelation,
+    HiddenPerturbation as HiddenPerturbation,
+    ModuleInfo as ModuleInfo,
+    show_graph as show_graph,
+)

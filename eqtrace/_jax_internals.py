@@ -99,3 +99,14 @@ def make_transparent_primitive(name: str, impl: Callable) -> Primitive:
 
     batching.primitive_batchers[p] = batch
     return p
+
+
+def bind_equation(eqn: JaxprEqn, invals) -> list:
+    """Re-bind a jaxpr equation's primitive on new operands (as `jax.core.eval_jaxpr` does)."""
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns = ()
+    if isinstance(bind_params, tuple):  # older JAX releases return `(subfuns, params)`
+        subfuns, bind_params = bind_params
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+    return out if eqn.primitive.multiple_results else [out]

@@ -1,0 +1,412 @@
+"""`compile_etrace_graph`: trace one step, inline nested calls, and find hidden groups, weight →
+hidden relations, excluded weights and perturbation points by data flow."""
+
+import types
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from .._jax_internals import (
+    CUSTOM_JVP_CALL,
+    CUSTOM_VJP_CALL,
+    custom_call_body,
+    ELEMENTWISE,
+    Literal,
+    Var,
+)
+from .._ops import etp_op_of
+from ._evaluate import inline_eval
+from ._graph import (
+    ETraceGraph,
+    ExcludedWeight,
+    HiddenGroup,
+    HiddenParamOpRelation,
+    HiddenPerturbation,
+    ModuleInfo,
+    Path,
+)
+
+
+def key_to_path(keypath) -> Path:
+    """A JAX key path as a tuple of plain names and indices: `('rnn', 'W', 'weight')`."""
+    out: list[str | int] = []
+    for k in keypath:
+        if isinstance(k, jtu.GetAttrKey):
+            out.append(k.name)
+        elif isinstance(k, jtu.DictKey):
+            out.append(k.key)
+        elif isinstance(k, jtu.SequenceKey):
+            out.append(k.idx)
+        elif isinstance(k, jtu.FlattenedIndexKey):
+            out.append(k.key)
+        else:
+            out.append(str(k))
+    return tuple(out)
+
+
+def _paths(tree) -> tuple[Path, ...]:
+    return tuple(key_to_path(p) for p, _ in jtu.tree_flatten_with_path(tree)[0])
+
+
+def _check_leaves_are_arrays(tree, name: str) -> None:
+    for path, leaf in jtu.tree_flatten_with_path(tree)[0]:
+        if not eqx.is_array(leaf):
+            raise TypeError(
+                f"`{name}` must be a pytree of JAX arrays, but the leaf at {key_to_path(path)} is a "
+                f"{type(leaf).__name__} ({leaf!r}). Use `jnp.asarray(...)` for it."
+            )
+
+
+def _split_output(out, state):
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            "`model(x, state)` must return a pair `(y, new_state)`, got "
+            f"{type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, tuple) else "") + "."
+        )
+    return out
+
+
+def _check_state_preserved(state, new_state) -> None:
+    old_def = jtu.tree_structure(state)
+    new_def = jtu.tree_structure(new_state)
+    if old_def != new_def:
+        raise ValueError(
+            "`model(x, state)` returned a new state whose structure differs from `state`:\n"
+            f"  state:     {old_def}\n  new state: {new_def}\n"
+            "The step must return a state of the same structure, shapes and dtypes."
+        )
+    for (path, old), new in zip(jtu.tree_flatten_with_path(state)[0], jtu.tree_leaves(new_state)):
+        if not isinstance(new, jax.ShapeDtypeStruct):
+            raise TypeError(
+                f"The new state leaf at {key_to_path(path)} is a {type(new).__name__}, expected an array."
+            )
+        if old.shape != new.shape or old.dtype != new.dtype:
+            raise ValueError(
+                f"The hidden state at {key_to_path(path)} changes across the step: it enters as "
+                f"{old.dtype}{list(old.shape)} and leaves as {new.dtype}{list(new.shape)}. A hidden "
+                "state must keep its shape and dtype."
+            )
+
+
+def _trace(model, x, state):
+    """Trace `(model, x, state) -> (y, new_state)` into a flat jaxpr over the array leaves."""
+    if not callable(model):
+        raise TypeError(f"`model` must be callable as `model(x, state)`, got {type(model).__name__}.")
+    _check_leaves_are_arrays(x, "x")
+    _check_leaves_are_arrays(state, "state")
+    dynamic, static = eqx.partition((model, x, state), eqx.is_array)
+    leaves, in_treedef = jtu.tree_flatten(dynamic)
+
+    def step(*flat):
+        m, xx, s = eqx.combine(jtu.tree_unflatten(in_treedef, flat), static)
+        y, new_state = _split_output(m(xx, s), s)
+        return y, new_state
+
+    closed, out_shape, out_static = eqx.filter_make_jaxpr(step)(*leaves)
+    _check_state_preserved(state, eqx.combine(out_shape, out_static)[1])
+    flat = jax.make_jaxpr(lambda *a: inline_eval(closed, a))(*leaves)
+    out_treedef = jtu.tree_structure(out_shape)
+    return flat, in_treedef, static, out_treedef, out_static
+
+
+# ----------------------------------------------------------------------------------------------
+# Data-flow analysis on the flat jaxpr.
+
+_ETP, _EW, _MIX = 1, 2, 3  # how a value reaches another: via another ETP op < element-wise < mixing
+
+
+def _shape(v) -> tuple[int, ...]:
+    return tuple(v.aval.shape)
+
+
+def _body_is_elementwise(closed) -> bool:
+    for eqn in closed.jaxpr.eqns:
+        if not _eqn_is_elementwise(eqn):
+            return False
+    return True
+
+
+def _eqn_is_elementwise(eqn) -> bool:
+    if eqn.primitive in ELEMENTWISE:
+        return True
+    if eqn.primitive in (CUSTOM_JVP_CALL, CUSTOM_VJP_CALL):
+        return _body_is_elementwise(custom_call_body(eqn))
+    return False
+
+
+def _operand_is_position_wise(eqn, var) -> bool:
+    """Whether output position `i` of `eqn` depends on `var` at position `i` only."""
+    return _eqn_is_elementwise(eqn) and all(_shape(var) == _shape(o) for o in eqn.outvars)
+
+
+def _hidden_dependencies(jaxpr, hidden_vars: Sequence[Var]) -> dict:
+    """For every variable, the hidden inputs it depends on when ETP outputs are held fixed, each
+    with a flag: `True` if every such path is position-wise."""
+    deps: dict = {v: {i: True} for i, v in enumerate(hidden_vars)}
+    for eqn in jaxpr.eqns:
+        out: dict[int, bool] = {}
+        if etp_op_of(eqn.primitive) is None:
+            for v in eqn.invars:
+                if isinstance(v, Literal) or v not in deps:
+                    continue
+                pw = _operand_is_position_wise(eqn, v)
+                for h, flag in deps[v].items():
+                    out[h] = out.get(h, True) and flag and pw
+        for o in eqn.outvars:
+            if out:
+                deps[o] = out
+    return deps
+
+
+def _reach(jaxpr, start: int) -> dict:
+    """How the output of equation `start` reaches every later variable (`_ETP`, `_EW` or `_MIX`)."""
+    kind = {eqn_out: _EW for eqn_out in jaxpr.eqns[start].outvars}
+    for eqn in jaxpr.eqns[start + 1 :]:
+        k_out = 0
+        is_etp = etp_op_of(eqn.primitive) is not None
+        for v in eqn.invars:
+            if isinstance(v, Literal) or v not in kind:
+                continue
+            k = kind[v]
+            if is_etp:
+                k = max(k, _ETP) if k == _MIX else _ETP
+            elif k == _EW and not _operand_is_position_wise(eqn, v):
+                k = _MIX
+            k_out = max(k_out, k)
+        if k_out:
+            for o in eqn.outvars:
+                kind[o] = k_out
+    return kind
+
+
+def _weight_dependencies(jaxpr, weight_vars: Sequence[Var]) -> dict:
+    deps: dict = {v: frozenset([i]) for i, v in enumerate(weight_vars)}
+    for eqn in jaxpr.eqns:
+        got = frozenset().union(*(deps.get(v, frozenset()) for v in eqn.invars if not isinstance(v, Literal)))
+        if got:
+            for o in eqn.outvars:
+                deps[o] = got
+    return deps
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        self.parent[self.find(i)] = self.find(j)
+
+
+_REASON_PRIORITY = ("not_element_wise", "via_other_etp_op", "non_temporal", "weight_to_weight", "no_etp_op")
+
+
+def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
+    """Trace one step of `model` and compile its eligibility-trace graph.
+
+    Call it once, outside `jit`; the graph is immutable and hashable, so it can be passed to
+    `eqx.filter_jit` functions as a static argument.
+
+    **Arguments:**
+
+    - `model`: a callable pytree (usually an `eqx.Module`) with `model(x, state) -> (y, new_state)`.
+      Its inexact-array leaves are the trainable weights.
+    - `x`: one step's input (an array or pytree of arrays), unbatched.
+    - `state`: the hidden state pytree; `model.init_state()` when omitted.
+
+    **Returns:**
+
+    An [`eqtrace.ETraceGraph`][].
+
+    !!! example
+
+        ```python
+        graph = eqtrace.compile_etrace_graph(model, jnp.zeros(10), model.init_state())
+        eqtrace.show_graph(graph)
+        ```
+    """
+    if state is None:
+        if not hasattr(model, "init_state"):
+            raise TypeError("`state` was not given and `model` has no `init_state()` method to make one.")
+        state = model.init_state()
+    flat, in_treedef, static, out_treedef, out_static = _trace(model, x, state)
+    jaxpr = flat.jaxpr
+
+    weight_paths = _paths(eqx.filter(model, eqx.is_array))
+    input_paths = _paths(x)
+    hidden_paths = _paths(state)
+    n_w, n_x, n_h = len(weight_paths), len(input_paths), len(hidden_paths)
+    weight_vars = jaxpr.invars[:n_w]
+    hidden_in = jaxpr.invars[n_w + n_x :]
+    num_outputs = len(jaxpr.outvars) - n_h
+    hidden_out = jaxpr.outvars[num_outputs:]
+    hidden_avals = tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in hidden_in)
+    input_avals = tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jaxpr.invars[n_w : n_w + n_x])
+
+    if not any(etp_op_of(e.primitive) is not None for e in jaxpr.eqns):
+        raise ValueError(
+            "The model uses no ETP operation, so no weight can be trained online. Build its layers "
+            "from `eqtrace.nn` (e.g. `eqtrace.nn.Linear`) or call `eqtrace.matmul`, `eqtrace.conv` "
+            "or `eqtrace.element_wise` on the weights in its `__call__`."
+        )
+    weight_index = {v: i for i, v in enumerate(weight_vars)}
+    for path, v in zip(hidden_paths, hidden_out):
+        if isinstance(v, Var) and v in weight_index:
+            raise ValueError(
+                f"The step writes the weight {weight_paths[weight_index[v]]} into the hidden state at "
+                f"{path}. Weights are parameters of the step, not its state: keep a separate state leaf."
+            )
+
+    # Which hidden states are traced: inexact ones that the step computes anew.
+    producers = {o: eqn for eqn in jaxpr.eqns for o in eqn.outvars}
+    traced = [
+        i
+        for i, v in enumerate(hidden_out)
+        if jnp.issubdtype(hidden_avals[i].dtype, jnp.inexact) and isinstance(v, Var) and v in producers
+    ]
+    seen_vars: dict = {}
+    for i in traced:
+        if hidden_out[i] in seen_vars:
+            raise ValueError(
+                f"The hidden states at {hidden_paths[seen_vars[hidden_out[i]]]} and {hidden_paths[i]} "
+                "are the same array after the step; give each state its own value."
+            )
+        seen_vars[hidden_out[i]] = i
+
+    # Hidden groups: connected components of new-state ← old-state dependencies (ETP outputs fixed).
+    deps = _hidden_dependencies(jaxpr, hidden_in)
+    uf = _UnionFind(n_h)
+    traced_set = set(traced)
+    for i in traced:
+        for h in deps.get(hidden_out[i], {}):
+            if h in traced_set:
+                uf.union(i, h)
+    members: dict[int, list[int]] = {}
+    for i in traced:
+        members.setdefault(uf.find(i), []).append(i)
+    groups: list[HiddenGroup] = []
+    group_of: dict[int, HiddenGroup] = {}
+    for idx, ms in enumerate(sorted(members.values(), key=min)):
+        shapes = {hidden_avals[i].shape for i in ms}
+        dtypes = {hidden_avals[i].dtype for i in ms}
+        if len(shapes) > 1 or len(dtypes) > 1:
+            got = ", ".join(f"{hidden_paths[i]}: {hidden_avals[i].dtype}{list(hidden_avals[i].shape)}" for i in ms)
+            raise ValueError(
+                f"These hidden states evolve together within one step but differ in shape or dtype: "
+                f"{got}. States of one group need one shape, so that each position has an S×S "
+                "Jacobian block."
+            )
+        position_wise = all(
+            flag for i in ms for h, flag in deps.get(hidden_out[i], {}).items() if h in traced_set
+        )
+        group = HiddenGroup(
+            index=idx,
+            hidden_paths=tuple(hidden_paths[i] for i in ms),
+            varshape=tuple(hidden_avals[ms[0]].shape),
+            dtype=jnp.dtype(hidden_avals[ms[0]].dtype),
+            position_wise=position_wise,
+        )
+        groups.append(group)
+        for i in ms:
+            group_of[i] = group
+
+    # Relations: each ETP equation's weight operands and the groups its output reaches element-wise.
+    wdeps = _weight_dependencies(jaxpr, weight_vars)
+    relations: list[HiddenParamOpRelation] = []
+    notes: dict[int, list[tuple[str, str]]] = {}
+    used: set[int] = set()
+    for e, eqn in enumerate(jaxpr.eqns):
+        op = etp_op_of(eqn.primitive)
+        if op is None:
+            continue
+        kind = _reach(jaxpr, e)
+        reached = {i: kind.get(hidden_out[i], 0) for i in traced}
+        ew = sorted({group_of[i].index for i, k in reached.items() if k == _EW})
+        mixed = [hidden_paths[i] for i, k in reached.items() if k == _MIX]
+        via_etp = [hidden_paths[i] for i, k in reached.items() if k == _ETP]
+        for j in op.weight_operands(len(eqn.invars)):
+            v = eqn.invars[j]
+            if isinstance(v, Literal):
+                continue
+            if v not in weight_index:
+                for w in wdeps.get(v, ()):
+                    used.add(w)
+                    notes.setdefault(w, []).append(
+                        ("weight_to_weight", f"transformed before entering {op.name} (equation {e})")
+                    )
+                continue
+            w = weight_index[v]
+            used.add(w)
+            if mixed:
+                notes.setdefault(w, []).append(
+                    ("not_element_wise", f"{op.name} output reaches {', '.join(map(str, mixed))} through "
+                     "an operation that mixes positions")
+                )
+            elif ew:
+                relations.append(
+                    HiddenParamOpRelation(
+                        weight_path=weight_paths[w],
+                        primitive=eqn.primitive,
+                        hidden_groups=tuple(groups[g] for g in ew),
+                        eqn_index=e,
+                        operand_index=j,
+                        y_shape=_shape(eqn.outvars[0]),
+                    )
+                )
+            elif via_etp:
+                notes.setdefault(w, []).append(
+                    ("via_other_etp_op", f"{op.name} output reaches {', '.join(map(str, via_etp))} only "
+                     "through another ETP operation")
+                )
+            else:
+                notes.setdefault(w, []).append(("non_temporal", f"{op.name} output reaches no hidden state"))
+
+    in_relation = {r.weight_path for r in relations}
+    excluded: list[ExcludedWeight] = []
+    for w, path in enumerate(weight_paths):
+        if path in in_relation or not jnp.issubdtype(weight_vars[w].aval.dtype, jnp.inexact):
+            continue
+        if w not in used:
+            excluded.append(ExcludedWeight(path, "no_etp_op", "used by no ETP operation"))
+            continue
+        reason, detail = min(notes[w], key=lambda rd: _REASON_PRIORITY.index(rd[0]))
+        excluded.append(ExcludedWeight(path, reason, detail))
+
+    perturb = None
+    if traced:
+        perturb = HiddenPerturbation(
+            hidden_paths=tuple(hidden_paths[i] for i in traced),
+            perturb_vars=tuple(hidden_out[i] for i in traced),
+            producers=tuple(producers[hidden_out[i]].primitive.name for i in traced),
+        )
+    module_info = ModuleInfo(
+        closed_jaxpr=flat,
+        weight_paths=weight_paths,
+        input_paths=input_paths,
+        hidden_paths=hidden_paths,
+        in_treedef=in_treedef,
+        in_static=static,
+        out_treedef=out_treedef,
+        out_static=out_static,
+        input_avals=input_avals,
+        hidden_avals=hidden_avals,
+        num_outputs=num_outputs,
+    )
+    hid_path_to_group = {p: g for g in groups for p in g.hidden_paths}
+    return ETraceGraph(
+        module_info=module_info,
+        hidden_groups=tuple(groups),
+        hid_path_to_group=types.MappingProxyType(hid_path_to_group),
+        hidden_param_op_relations=tuple(relations),
+        excluded_weights=tuple(excluded),
+        hidden_perturb=perturb,
+        untraced_hidden_paths=tuple(p for i, p in enumerate(hidden_paths) if i not in traced_set),
+    )

@@ -1,0 +1,198 @@
+"""The records of a compiled graph. All are immutable; `ETraceGraph` hashes by identity, so it can be
+a static argument of `eqx.filter_jit` without retracing."""
+
+import dataclasses
+import types
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from .._jax_internals import ClosedJaxpr, Primitive, Var
+
+
+Path = tuple[str | int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleInfo:
+    """The traced step and how its flat inputs and outputs map to the user's pytrees.
+
+    **Fields:**
+
+    - `closed_jaxpr`: one step `(model, x, state) -> (y, new_state)`, with nested calls inlined. Its
+      inputs are the array leaves of the model, then of `x`, then of `state`; its outputs the array
+      leaves of `y`, then of `new_state`.
+    - `weight_paths`, `input_paths`, `hidden_paths`: key paths of those leaves, in order.
+    - `in_treedef`, `in_static`: how to split `(model, x, state)` into those leaves (see `flatten`).
+    - `out_treedef`, `out_static`: how to rebuild `(y, new_state)` from the outputs.
+    - `input_avals`, `hidden_avals`: shapes and dtypes of `x` and `state` as compiled.
+    """
+
+    closed_jaxpr: ClosedJaxpr
+    weight_paths: tuple[Path, ...]
+    input_paths: tuple[Path, ...]
+    hidden_paths: tuple[Path, ...]
+    in_treedef: jax.tree_util.PyTreeDef
+    in_static: object
+    out_treedef: jax.tree_util.PyTreeDef
+    out_static: object
+    input_avals: tuple[jax.ShapeDtypeStruct, ...]
+    hidden_avals: tuple[jax.ShapeDtypeStruct, ...]
+    num_outputs: int
+
+    @property
+    def num_weights(self) -> int:
+        return len(self.weight_paths)
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenGroup:
+    """Hidden states that evolve together, position by position, within one step.
+
+    **Fields:**
+
+    - `index`: the group's number in the graph.
+    - `hidden_paths`: key paths of the group's states in the state pytree.
+    - `varshape`: the shape every state of the group shares (the positions).
+    - `dtype`: their dtype.
+    - `position_wise`: `True` when, holding the outputs of ETP operations fixed, each new state
+      depends on the old states at its own position only; then the per-position `S×S` Jacobian
+      blocks are the whole hidden Jacobian. `False` when a non-ETP operation mixes positions.
+    """
+
+    index: int
+    hidden_paths: tuple[Path, ...]
+    varshape: tuple[int, ...]
+    dtype: jnp.dtype
+    position_wise: bool = True
+
+    @property
+    def num_state(self) -> int:
+        """How many states the group holds (`S`)."""
+        return len(self.hidden_paths)
+
+    @property
+    def num_positions(self) -> int:
+        n = 1
+        for d in self.varshape:
+            n *= d
+        return n
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenParamOpRelation:
+    """One weight, the ETP operation it goes through, and the hidden groups that operation feeds.
+
+    **Fields:**
+
+    - `weight_path`: key path of the weight leaf in the model.
+    - `primitive`: the ETP primitive (e.g. `etp_matmul`).
+    - `hidden_groups`: the groups whose new states the operation's output `y` reaches element-wise.
+    - `eqn_index`, `operand_index`: where the operation and the weight stand in the step's jaxpr.
+    - `y_shape`: the shape of the operation's output.
+    - `elementwise_tail`: `True`: `y → h` is element-wise, so `∂h/∂y` is diagonal and exact.
+    """
+
+    weight_path: Path
+    primitive: Primitive
+    hidden_groups: tuple[HiddenGroup, ...]
+    eqn_index: int
+    operand_index: int
+    y_shape: tuple[int, ...]
+    elementwise_tail: bool = True
+
+
+EXCLUSION_REASONS = types.MappingProxyType(
+    {
+        "no_etp_op": "used by no ETP operation",
+        "weight_to_weight": "transformed by other operations before it enters an ETP operation",
+        "non_temporal": "its ETP operation's output reaches no hidden state (e.g. a readout)",
+        "via_other_etp_op": "its ETP operation's output reaches hidden states only through another "
+        "ETP operation",
+        "not_element_wise": "its ETP operation's output reaches a hidden state through an operation "
+        "that mixes positions",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExcludedWeight:
+    """A trainable leaf outside every relation. It still gets its exact same-step gradient.
+
+    **Fields:**
+
+    - `weight_path`: key path of the leaf in the model.
+    - `reason`: one of `no_etp_op`, `weight_to_weight`, `non_temporal`, `via_other_etp_op`,
+      `not_element_wise`.
+    - `detail`: a sentence that names the operation(s) involved.
+    """
+
+    weight_path: Path
+    reason: str
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenPerturbation:
+    """Where each new hidden value is produced in the step: adding a zero perturbation there and
+    differentiating the loss by it gives the learning signal `∂L_t/∂h_t` in one VJP.
+
+    **Fields:**
+
+    - `hidden_paths`: key paths of the perturbed states.
+    - `perturb_vars`: the jaxpr variables that hold their new values, in the same order.
+    - `producers`: the name of the primitive producing each.
+    """
+
+    hidden_paths: tuple[Path, ...]
+    perturb_vars: tuple[Var, ...]
+    producers: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ETraceGraph:
+    """The compiled structure of one step of a model, produced by [`eqtrace.compile_etrace_graph`][].
+
+    **Fields:**
+
+    - `module_info`: the traced step ([`eqtrace.ModuleInfo`][]).
+    - `hidden_groups`: the [`eqtrace.HiddenGroup`][]s.
+    - `hid_path_to_group`: hidden path → its group.
+    - `hidden_param_op_relations`: the [`eqtrace.HiddenParamOpRelation`][]s.
+    - `excluded_weights`: every trainable leaf in no relation, with its reason
+      ([`eqtrace.ExcludedWeight`][]).
+    - `hidden_perturb`: the [`eqtrace.HiddenPerturbation`][] (or `None` if no state is produced
+      inside the step).
+    - `untraced_hidden_paths`: states that are not traced (integer states, or states the step passes
+      through unchanged).
+    """
+
+    module_info: ModuleInfo
+    hidden_groups: tuple[HiddenGroup, ...]
+    hid_path_to_group: Mapping[Path, HiddenGroup]
+    hidden_param_op_relations: tuple[HiddenParamOpRelation, ...]
+    excluded_weights: tuple[ExcludedWeight, ...]
+    hidden_perturb: HiddenPerturbation | None
+    untraced_hidden_paths: tuple[Path, ...] = ()
+
+    def dict(self) -> dict:
+        """The fields as a dictionary (as `NamedTuple._asdict` would give)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __str__(self) -> str:
+        from ._show import format_graph
+
+        return format_graph(self)
+
+    def to_mermaid(self) -> str:
+        """A Mermaid flowchart: weights → ETP operations → hidden groups."""
+        from ._show import graph_to_mermaid
+
+        return graph_to_mermaid(self)
+
+    def to_dot(self) -> str:
+        """The same picture as a Graphviz DOT digraph."""
+        from ._show import graph_to_dot
+
+        return graph_to_dot(self)

@@ -1,0 +1,120 @@
+"""Text, Mermaid and Graphviz renderings of an `ETraceGraph`."""
+
+from ._graph import ETraceGraph, EXCLUSION_REASONS, Path
+
+
+def _p(path: Path) -> str:
+    return "(" + ", ".join(repr(k) for k in path) + ("," if len(path) == 1 else "") + ")"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def format_graph(graph: ETraceGraph) -> str:
+    lines = [
+        f"ETraceGraph: {_plural(len(graph.hidden_groups), 'hidden group')}, "
+        f"{_plural(len(graph.hidden_param_op_relations), 'relation')}, "
+        f"{_plural(len(graph.excluded_weights), 'weight')} outside any relation",
+        "",
+        "Hidden groups",
+    ]
+    for g in graph.hidden_groups:
+        kind = "position-wise" if g.position_wise else "mixes positions (dense Jacobian diagonal)"
+        lines.append(f"  [{g.index}] {_plural(g.num_state, 'state')} of shape {g.varshape}, {g.dtype}; {kind}")
+        for path in g.hidden_paths:
+            lines.append(f"      {_p(path)}")
+    if not graph.hidden_groups:
+        lines.append("  (none)")
+    lines += ["", "Relations: weight --ETP op--> hidden groups (traced)"]
+    width = max((len(_p(r.weight_path)) for r in graph.hidden_param_op_relations), default=0)
+    for r in graph.hidden_param_op_relations:
+        groups = ", ".join(f"[{g.index}]" for g in r.hidden_groups)
+        lines.append(f"  {_p(r.weight_path):<{width}}  --{r.primitive.name}-->  {groups}")
+    if not graph.hidden_param_op_relations:
+        lines.append("  (none)")
+    lines += ["", "Weights outside any relation (exact same-step gradient only)"]
+    width = max((len(_p(w.weight_path)) for w in graph.excluded_weights), default=0)
+    for w in graph.excluded_weights:
+        lines.append(f"  {_p(w.weight_path):<{width}}  {w.reason}: {w.detail}")
+    if not graph.excluded_weights:
+        lines.append("  (none)")
+    if graph.untraced_hidden_paths:
+        lines += ["", "Hidden states not traced (integer, or passed through unchanged)"]
+        lines += [f"  {_p(p)}" for p in graph.untraced_hidden_paths]
+    lines += ["", "Perturbation points (where each new hidden value is produced)"]
+    if graph.hidden_perturb is None:
+        lines.append("  (none)")
+    else:
+        for path, prod in zip(graph.hidden_perturb.hidden_paths, graph.hidden_perturb.producers):
+            lines.append(f"  {_p(path)} <- {prod}")
+    return "\n".join(lines)
+
+
+def show_graph(graph: ETraceGraph) -> None:
+    """Print the compiled graph: hidden groups, weight → ETP op → hidden-group relations, the
+    weights outside any relation with their reasons, and the perturbation points.
+
+    **Arguments:**
+
+    - `graph`: an [`eqtrace.ETraceGraph`][].
+    """
+    print(format_graph(graph))
+
+
+def _id(prefix: str, i: int) -> str:
+    return f"{prefix}{i}"
+
+
+def _edges(graph: ETraceGraph):
+    """Nodes and edges shared by the Mermaid and DOT renderings."""
+    weights = {}
+    ops = {}
+    edges = []
+    for r in graph.hidden_param_op_relations:
+        w = weights.setdefault(r.weight_path, _id("w", len(weights)))
+        o = ops.setdefault(r.eqn_index, (_id("op", len(ops)), r.primitive.name))[0]
+        edges.append((w, o, ""))
+        for g in r.hidden_groups:
+            edges.append((o, _id("g", g.index), ""))
+    excluded = {w.weight_path: (_id("x", i), w.reason) for i, w in enumerate(graph.excluded_weights)}
+    return weights, ops, sorted(set(edges)), excluded
+
+
+def graph_to_mermaid(graph: ETraceGraph) -> str:
+    weights, ops, edges, excluded = _edges(graph)
+    lines = ["flowchart LR"]
+    for path, node in weights.items():
+        lines.append(f'    {node}["{_p(path)}"]')
+    for node, name in ops.values():
+        lines.append(f"    {node}{{{{{name}}}}}")
+    for g in graph.hidden_groups:
+        paths = "<br/>".join(_p(p) for p in g.hidden_paths)
+        lines.append(f'    g{g.index}(["group {g.index}<br/>{paths}"])')
+    for a, b, _ in edges:
+        lines.append(f"    {a} --> {b}")
+    for path, (node, reason) in excluded.items():
+        lines.append(f'    {node}["{_p(path)}<br/><i>{reason}</i>"]:::excluded')
+    lines.append("    classDef excluded stroke-dasharray: 4 3,color:#777")
+    return "\n".join(lines)
+
+
+def graph_to_dot(graph: ETraceGraph) -> str:
+    weights, ops, edges, excluded = _edges(graph)
+    lines = ["digraph ETraceGraph {", "    rankdir=LR;"]
+    for path, node in weights.items():
+        lines.append(f'    {node} [shape=box, label="{_p(path)}"];')
+    for node, name in ops.values():
+        lines.append(f'    {node} [shape=hexagon, label="{name}"];')
+    for g in graph.hidden_groups:
+        paths = "\\n".join(_p(p) for p in g.hidden_paths)
+        lines.append(f'    g{g.index} [shape=ellipse, label="group {g.index}\\n{paths}"];')
+    for a, b, _ in edges:
+        lines.append(f"    {a} -> {b};")
+    for path, (node, reason) in excluded.items():
+        lines.append(f'    {node} [shape=box, style=dashed, label="{_p(path)}\\n{reason}"];')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+__all__ = ["EXCLUSION_REASONS", "format_graph", "graph_to_dot", "graph_to_mermaid", "show_graph"]
