@@ -16,3 +16,5 @@ from ._compiler import (
     ModuleInfo as ModuleInfo,
     show_graph as show_graph,
 )
+from ._front import CompiledAlgorithm as CompiledAlgorithm, D_RTRL as D_RTRL
+from . import nn as nn

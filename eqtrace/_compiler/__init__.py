@@ -11,3 +11,4 @@ from ._graph import (
     Path as Path,
 )
 from ._show import show_graph as show_graph
+from ._run import run_step as run_step

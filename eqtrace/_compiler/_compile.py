@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._jax_internals import (
-    CUSTOM_JVP_CALL,
-    CUSTOM_VJP_CALL,
+    closed_call_body,
     custom_call_body,
     ELEMENTWISE,
     Literal,
@@ -132,9 +131,8 @@ def _body_is_elementwise(closed) -> bool:
 def _eqn_is_elementwise(eqn) -> bool:
     if eqn.primitive in ELEMENTWISE:
         return True
-    if eqn.primitive in (CUSTOM_JVP_CALL, CUSTOM_VJP_CALL):
-        return _body_is_elementwise(custom_call_body(eqn))
-    return False
+    body = custom_call_body(eqn) or closed_call_body(eqn)
+    return body is not None and _body_is_elementwise(body)
 
 
 def _operand_is_position_wise(eqn, var) -> bool:
@@ -172,7 +170,7 @@ def _reach(jaxpr, start: int) -> dict:
                 continue
             k = kind[v]
             if is_etp:
-                k = max(k, _ETP) if k == _MIX else _ETP
+                k = _ETP  # the op's input is cut: what happened before it no longer matters
             elif k == _EW and not _operand_is_position_wise(eqn, v):
                 k = _MIX
             k_out = max(k_out, k)

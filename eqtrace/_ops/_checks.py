@@ -1,7 +1,7 @@
 import jax.numpy as jnp
 
 
-def check_operand(name: str, value, ndim: int | tuple[int, ...], op: str) -> None:
+def check_operand(name: str, value, ndim: int | tuple[int, ...] | range, op: str) -> None:
     """Raise a clear error when an operand is not an inexact array of the expected rank."""
     ndims = (ndim,) if isinstance(ndim, int) else ndim
     shape = getattr(value, "shape", None)

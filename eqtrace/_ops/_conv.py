@@ -26,9 +26,7 @@ etp_conv_p = conv_op.primitive
 
 
 def _as_tuple(name: str, value, n: int) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
-    value = tuple(value)
+    value = (value,) * n if isinstance(value, int) else tuple(value)
     if len(value) != n or not all(isinstance(v, int) and v > 0 for v in value):
         raise ValueError(f"`eqtrace.conv`: `{name}` must be a positive int or {n} of them, got {value}.")
     return value

@@ -1,0 +1,137 @@
+import math
+from collections.abc import Sequence
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .._ops import conv
+from ._misc import canonical_dtype, check_positive_int
+
+
+def _tuple_of_positive(value, n: int, name: str, where: str) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,) * n
+    else:
+        value = tuple(value)
+    if len(value) != n:
+        raise ValueError(f"`{where}`: `{name}` must be an int or {n} ints, got {value!r}.")
+    for v in value:
+        check_positive_int(v, name, where)
+    return value
+
+
+def _padding(value, n: int, where: str) -> str | tuple[tuple[int, int], ...]:
+    if isinstance(value, str):
+        if value.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"`{where}`: `padding` must be 'SAME', 'VALID', an int or pairs, got {value!r}.")
+        return value.upper()
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,) * n
+    value = tuple((v, v) if isinstance(v, int) else tuple(v) for v in value)
+    if len(value) != n or any(len(p) != 2 or min(p) < 0 for p in value):
+        raise ValueError(
+            f"`{where}`: `padding` must be 'SAME', 'VALID', a non-negative int, or {n} ints or "
+            f"(low, high) pairs, got {value!r}."
+        )
+    return tuple((int(lo), int(hi)) for lo, hi in value)
+
+
+class AbstractConv(eqx.Module):
+    r"""Unbatched N-d convolution computed by the tagged ETP operation [`eqtrace.conv`][].
+
+    Subclasses fix `num_spatial_dims`: [`eqtrace.nn.Conv1d`][], [`eqtrace.nn.Conv2d`][].
+    """
+
+    num_spatial_dims: eqx.AbstractClassVar[int]
+
+    weight: Float[Array, "out_channels in_channels *kernel_size"]
+    bias: Float[Array, " out_channels"] | None
+    in_channels: int = eqx.field(static=True)
+    out_channels: int = eqx.field(static=True)
+    kernel_size: tuple[int, ...] = eqx.field(static=True)
+    stride: tuple[int, ...] = eqx.field(static=True)
+    padding: str | tuple[tuple[int, int], ...] = eqx.field(static=True)
+    dilation: tuple[int, ...] = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: str | int | Sequence[int | tuple[int, int]] = "SAME",
+        dilation: int | Sequence[int] = 1,
+        use_bias: bool = True,
+        *,
+        dtype=None,
+        key: PRNGKeyArray,
+    ):
+        r"""**Arguments:**
+
+        - `in_channels`: number of input channels.
+        - `out_channels`: number of output channels.
+        - `kernel_size`: an int, or one per spatial axis.
+        - `stride`, `dilation`: an int, or one per spatial axis.
+        - `padding`: `'SAME'`, `'VALID'`, an int, or an int or `(low, high)` pair per spatial axis.
+        - `use_bias`: whether to add a bias per output channel.
+        - `dtype`: floating dtype of the parameters; JAX's default floating dtype if `None`.
+        - `key`: a `jax.random` key for the initialisation, uniform in $\pm 1/\sqrt{\text{fan\_in}}$
+            with $\text{fan\_in} = \text{in\_channels} \cdot \prod \text{kernel\_size}$.
+        """
+        where = type(self).__name__
+        n = self.num_spatial_dims
+        check_positive_int(in_channels, "in_channels", where)
+        check_positive_int(out_channels, "out_channels", where)
+        kernel_size = _tuple_of_positive(kernel_size, n, "kernel_size", where)
+        self.stride = _tuple_of_positive(stride, n, "stride", where)
+        self.dilation = _tuple_of_positive(dilation, n, "dilation", where)
+        self.padding = _padding(padding, n, where)
+        dtype = canonical_dtype(dtype, where)
+        wkey, bkey = jax.random.split(key)
+        lim = 1 / math.sqrt(in_channels * math.prod(kernel_size))
+        self.weight = jax.random.uniform(
+            wkey, (out_channels, in_channels) + kernel_size, dtype=dtype, minval=-lim, maxval=lim
+        )
+        if use_bias:
+            self.bias = jax.random.uniform(bkey, (out_channels,), dtype=dtype, minval=-lim, maxval=lim)
+        else:
+            self.bias = None
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.use_bias = use_bias
+
+    def __call__(
+        self, x: Float[Array, " in_channels *spatial"]
+    ) -> Float[Array, " out_channels *out_spatial"]:
+        """**Arguments:**
+
+        - `x`: input, shape `(in_channels, *spatial)`, of the layer's dtype. Batch with `jax.vmap`.
+
+        **Returns:**
+
+        The convolution plus bias, shape `(out_channels, *out_spatial)`.
+        """
+        if x.ndim != self.num_spatial_dims + 1:
+            raise ValueError(
+                f"`{type(self).__name__}`: `x` must have shape (in_channels, *spatial) with "
+                f"{self.num_spatial_dims} spatial axes, got shape {tuple(x.shape)}; batch with `jax.vmap`."
+            )
+        return conv(
+            x, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation
+        )
+
+
+class Conv1d(AbstractConv):
+    """One-dimensional convolution: `x` of shape `(in_channels, length)`."""
+
+    num_spatial_dims: ClassVar[int] = 1
+
+
+class Conv2d(AbstractConv):
+    """Two-dimensional convolution: `x` of shape `(in_channels, height, width)`."""
+
+    num_spatial_dims: ClassVar[int] = 2
