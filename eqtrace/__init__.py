@@ -18,3 +18,11 @@ from ._compiler import (
 )
 from ._front import CompiledAlgorithm as CompiledAlgorithm, D_RTRL as D_RTRL
 from . import nn as nn
+from ._algorithms import (
+    batch_grad as batch_grad,
+    bptt_grad as bptt_grad,
+    d_rtrl_init as d_rtrl_init,
+    d_rtrl_step as d_rtrl_step,
+    DRTRLTraces as DRTRLTraces,
+    online_grad as online_grad,
+)

@@ -357,6 +357,7 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
                         eqn_index=e,
                         operand_index=j,
                         y_shape=_shape(eqn.outvars[0]),
+                        position_diagonal=op.position_diagonal(*(_shape(v) for v in eqn.invars)),
                     )
                 )
             elif via_etp:
@@ -380,10 +381,13 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
 
     perturb = None
     if traced:
+        new_vars = [hidden_out[i] for i in traced]
+        chain = _hidden_dependencies(jaxpr, new_vars)
         perturb = HiddenPerturbation(
             hidden_paths=tuple(hidden_paths[i] for i in traced),
-            perturb_vars=tuple(hidden_out[i] for i in traced),
-            producers=tuple(producers[hidden_out[i]].primitive.name for i in traced),
+            perturb_vars=tuple(new_vars),
+            producers=tuple(producers[v].primitive.name for v in new_vars),
+            chained=any(set(chain.get(v, {})) - {k} for k, v in enumerate(new_vars)),
         )
     module_info = ModuleInfo(
         closed_jaxpr=flat,

@@ -69,17 +69,18 @@ def evaluate(
     args: Sequence,
     *,
     etp_outputs: Mapping[int, object] | None = None,
-    on_etp: Callable[[int, list], None] | None = None,
-    perturb: Mapping[Var, object] | None = None,
+    on_etp: Callable[[int, list, object], None] | None = None,
+    at_vars: Mapping[Var, Callable] | None = None,
 ) -> list:
     """Evaluate a flat jaxpr with hooks.
 
     - `etp_outputs[i]` replaces the output of equation `i` (an ETP operation) without computing it.
-    - `on_etp(i, operands)` is called with the operands of every ETP equation `i`.
-    - `perturb[var]` is added to `var` where it is produced, so every later read sees the sum.
+    - `on_etp(i, operands, output)` is called for every ETP equation `i`.
+    - `at_vars[var](value)` replaces `var`'s value where it is produced, so every later read sees
+      the result (a perturbation `value + p`, or `stop_gradient(value)`).
     """
     etp_outputs = etp_outputs or {}
-    perturb = perturb or {}
+    at_vars = at_vars or {}
     env: dict = {}
     read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
     for var, val in zip(closed.jaxpr.constvars, closed.consts):
@@ -88,10 +89,10 @@ def evaluate(
         env[var] = val
     for i, eqn in enumerate(closed.jaxpr.eqns):
         invals = [read(v) for v in eqn.invars]
-        if on_etp is not None and etp_op_of(eqn.primitive) is not None:
-            on_etp(i, invals)
         outs = [etp_outputs[i]] if i in etp_outputs else bind_equation(eqn, invals)
+        if on_etp is not None and etp_op_of(eqn.primitive) is not None:
+            on_etp(i, invals, outs[0])
         for var, val in zip(eqn.outvars, outs):
             if isinstance(var, Var):
-                env[var] = val + perturb[var] if var in perturb else val
+                env[var] = at_vars[var](val) if var in at_vars else val
     return [read(v) for v in closed.jaxpr.outvars]

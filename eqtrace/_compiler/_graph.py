@@ -92,6 +92,10 @@ class HiddenParamOpRelation:
     - `eqn_index`, `operand_index`: where the operation and the weight stand in the step's jaxpr.
     - `y_shape`: the shape of the operation's output.
     - `elementwise_tail`: `True`: `y → h` is element-wise, so `∂h/∂y` is diagonal and exact.
+    - `position_diagonal`: `True` when each output position reads its own entries of the weight
+      (`x @ W` with a vector `x`, `fn(w)`), so that a weight-shaped trace with a state axis is exact
+      per position (D-RTRL). `False` for a kernel shared across positions (convolution): D-RTRL
+      gives such a weight its same-step gradient only; ES-D-RTRL traces it.
     """
 
     weight_path: Path
@@ -101,6 +105,7 @@ class HiddenParamOpRelation:
     operand_index: int
     y_shape: tuple[int, ...]
     elementwise_tail: bool = True
+    position_diagonal: bool = True
 
 
 EXCLUSION_REASONS = types.MappingProxyType(
@@ -143,11 +148,14 @@ class HiddenPerturbation:
     - `hidden_paths`: key paths of the perturbed states.
     - `perturb_vars`: the jaxpr variables that hold their new values, in the same order.
     - `producers`: the name of the primitive producing each.
+    - `chained`: whether some new hidden value is computed from another one within the step
+      (an LSTM's `h` from its new `c`), not only through ETP operations.
     """
 
     hidden_paths: tuple[Path, ...]
     perturb_vars: tuple[Var, ...]
     producers: tuple[str, ...]
+    chained: bool = False
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

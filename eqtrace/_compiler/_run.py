@@ -27,13 +27,18 @@ def _check_leaves(name: str, tree, paths, avals) -> list:
     return leaves
 
 
+def flatten_weights(graph: ETraceGraph, params) -> list:
+    """The array leaves of `params` (a model or its array part), checked against the compiled ones."""
+    info = graph.module_info
+    avals = [v.aval for v in info.closed_jaxpr.jaxpr.invars[: info.num_weights]]
+    return _check_leaves("params", params, info.weight_paths, avals)
+
+
 def flatten_step_inputs(graph: ETraceGraph, model, x, state) -> tuple[list, list, list]:
     """The array leaves of `model`, `x` and `state`, checked against the compiled ones."""
     info = graph.module_info
-    invars = info.closed_jaxpr.jaxpr.invars
-    weight_avals = [v.aval for v in invars[: info.num_weights]]
     return (
-        _check_leaves("model", model, info.weight_paths, weight_avals),
+        flatten_weights(graph, model),
         _check_leaves("x", x, info.input_paths, info.input_avals),
         _check_leaves("state", state, info.hidden_paths, info.hidden_avals),
     )

@@ -30,7 +30,8 @@ def format_graph(graph: ETraceGraph) -> str:
     width = max((len(_p(r.weight_path)) for r in graph.hidden_param_op_relations), default=0)
     for r in graph.hidden_param_op_relations:
         groups = ", ".join(f"[{g.index}]" for g in r.hidden_groups)
-        lines.append(f"  {_p(r.weight_path):<{width}}  --{r.primitive.name}-->  {groups}")
+        shared = "" if r.position_diagonal else "  (shared across positions: traced by ES-D-RTRL only)"
+        lines.append(f"  {_p(r.weight_path):<{width}}  --{r.primitive.name}-->  {groups}{shared}")
     if not graph.hidden_param_op_relations:
         lines.append("  (none)")
     lines += ["", "Weights outside any relation (exact same-step gradient only)"]

@@ -21,7 +21,8 @@ def _conv_impl(x, w, b=None, *, stride, padding, dilation):
     return y
 
 
-conv_op = register_etp_op("etp_conv", _conv_impl, has_input=True)
+# A kernel is shared by all output positions: no weight-shaped trace is exact per position.
+conv_op = register_etp_op("etp_conv", _conv_impl, has_input=True, position_diagonal=lambda *_: False)
 etp_conv_p = conv_op.primitive
 
 

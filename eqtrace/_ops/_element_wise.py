@@ -10,7 +10,9 @@ def _element_wise_impl(w, *, fn):
     return fn(w)
 
 
-element_wise_op = register_etp_op("etp_element_wise", _element_wise_impl, has_input=False)
+element_wise_op = register_etp_op(
+    "etp_element_wise", _element_wise_impl, has_input=False, position_diagonal=lambda *_: True
+)
 etp_element_wise_p = element_wise_op.primitive
 
 

@@ -10,7 +10,9 @@ def _matmul_impl(x, w, b=None):
     return y if b is None else y + jnp.broadcast_to(b, y.shape)
 
 
-matmul_op = register_etp_op("etp_matmul", _matmul_impl, has_input=True)
+matmul_op = register_etp_op(
+    "etp_matmul", _matmul_impl, has_input=True, position_diagonal=lambda x_shape, *_: len(x_shape) == 1
+)
 etp_matmul_p = matmul_op.primitive
 
 

@@ -15,11 +15,15 @@ class EtpOp:
     - `primitive`: the JAX primitive that tags the operation in a jaxpr.
     - `impl`: the plain `jnp` computation, `impl(*operands, **params)`.
     - `has_input`: whether operand 0 is the (non-trainable) input `x`; the other operands are weights.
+    - `position_diagonal`: given the operands' shapes, whether the output's positions are exactly the
+      trailing axes of every weight, each output position reading its own weight entries only
+      (`x @ W` with a vector `x`; `fn(w)`). Then a weight-shaped trace is exact per position.
     """
 
     primitive: Primitive
     impl: Callable
     has_input: bool
+    position_diagonal: Callable[..., bool]
 
     @property
     def name(self) -> str:
@@ -32,8 +36,10 @@ class EtpOp:
 _REGISTRY: dict[Primitive, EtpOp] = {}
 
 
-def register_etp_op(name: str, impl: Callable, *, has_input: bool) -> EtpOp:
-    op = EtpOp(make_transparent_primitive(name, impl), impl, has_input)
+def register_etp_op(
+    name: str, impl: Callable, *, has_input: bool, position_diagonal: Callable[..., bool]
+) -> EtpOp:
+    op = EtpOp(make_transparent_primitive(name, impl), impl, has_input, position_diagonal)
     _REGISTRY[op.primitive] = op
     return op
 

@@ -1,0 +1,125 @@
+r"""D-RTRL: diagonal real-time recurrent learning.
+
+Per relation (weight $W$, hidden group $g$ with $S$ states) a weight-shaped trace with a trailing
+state axis, $\epsilon_t[\dots, n, s] = \sum_c D_t[n, s, c]\, \epsilon_{t-1}[\dots, n, c] +
+\partial h_t[n, s] / \partial W[\dots, n]$, and the gradient
+$\nabla W \mathrel{+}= \partial L_t/\partial W|_{h_{t-1}} + \sum_{n,s} \delta_t[n,s]\,
+(D^{\text{local}}_t \epsilon_{t-1})[\dots, n, s]$.
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._compiler import ETraceGraph
+from .._compiler._run import flatten_weights
+from .._ops import etp_op_of
+from ._one_step import linearise_step, unflatten_grads
+
+
+class DRTRLTraces(eqx.Module):
+    """The state that D-RTRL carries from step to step.
+
+    **Fields:**
+
+    - `state`: the model's hidden state pytree.
+    - `eps`: one trace per traced (relation, hidden group) pair, shaped `weight.shape + (S,)`.
+    """
+
+    state: object
+    eps: tuple
+
+
+def traced_pairs(graph: ETraceGraph) -> list[tuple[int, int]]:
+    """The (relation index, group index) pairs that D-RTRL keeps a trace for."""
+    return [
+        (r, g.index)
+        for r, rel in enumerate(graph.hidden_param_op_relations)
+        if rel.position_diagonal
+        for g in rel.hidden_groups
+    ]
+
+
+def d_rtrl_init(graph: ETraceGraph, params, state) -> DRTRLTraces:
+    """Zero D-RTRL traces for `params`, carrying the hidden `state`.
+
+    **Arguments:**
+
+    - `graph`: the model's [`eqtrace.ETraceGraph`][].
+    - `params`: the model (or its array part from `eqx.partition`).
+    - `state`: the initial hidden state pytree.
+
+    **Returns:**
+
+    A [`eqtrace.DRTRLTraces`][].
+    """
+    flat_w = flatten_weights(graph, params)
+    index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
+    eps = []
+    for r, g in traced_pairs(graph):
+        rel = graph.hidden_param_op_relations[r]
+        w = flat_w[index[rel.weight_path]]
+        eps.append(jnp.zeros(w.shape + (graph.hidden_groups[g].num_state,), w.dtype))
+    return DRTRLTraces(state=state, eps=tuple(eps))
+
+
+def _apply_blocks(d: jax.Array, eps: jax.Array) -> jax.Array:
+    """`Σ_c d[n, s, c] eps[..., n, c]`: the per-position blocks act on a weight-shaped trace."""
+    d = jnp.broadcast_to(d, eps.shape[:-1] + d.shape[-2:])
+    return jnp.einsum("...sc,...c->...s", d, eps)
+
+
+def _instant(graph: ETraceGraph, rel, operands, d_f: jax.Array) -> jax.Array:
+    """`∂h_t/∂W` at this step in trace layout: the op's VJP for the weight, one state at a time."""
+    eqn = graph.module_info.closed_jaxpr.jaxpr.eqns[rel.eqn_index]
+    op = etp_op_of(rel.primitive)
+    j = rel.operand_index
+
+    def f(w):
+        ops = list(operands)
+        ops[j] = w
+        return op.impl(*ops, **eqn.params)
+
+    _, vjp = jax.vjp(f, operands[j])
+    return jax.vmap(lambda ct: vjp(ct)[0], in_axes=-1, out_axes=-1)(d_f)
+
+
+def d_rtrl_step(
+    graph: ETraceGraph,
+    params,
+    traces: DRTRLTraces,
+    x,
+    target,
+    loss_fn: Callable,
+):
+    """Advance D-RTRL by one step.
+
+    **Arguments:**
+
+    - `graph`: the model's [`eqtrace.ETraceGraph`][] (a static argument under `eqx.filter_jit`).
+    - `params`: the model (or its array part).
+    - `traces`: the [`eqtrace.DRTRLTraces`][] after the previous step.
+    - `x`: this step's input; `target`: this step's target.
+    - `loss_fn`: `loss_fn(y, target) -> scalar`, the per-step loss $L_t$.
+
+    **Returns:**
+
+    `(traces, y, loss, grads)`: the new traces, the model output, $L_t$, and this step's
+    contribution to $\\nabla_\\theta \\sum_t L_t$ in the structure of
+    `eqx.filter(params, eqx.is_inexact_array)`.
+    """
+    lin = linearise_step(graph, params, x, traces.state, target, loss_fn)
+    index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
+    grads = list(lin.grads)
+    new_eps = []
+    for (r, g), eps in zip(traced_pairs(graph), traces.eps):
+        rel = graph.hidden_param_op_relations[r]
+        w = index[rel.weight_path]
+        delta = jnp.broadcast_to(lin.delta[g], eps.shape)
+        grads[w] = grads[w] + jnp.sum(_apply_blocks(lin.d_local[g], eps) * delta, axis=-1)
+        instant = _instant(graph, rel, lin.operands[rel.eqn_index], lin.d_f[rel.eqn_index][g])
+        new_eps.append(_apply_blocks(lin.d_total[g], eps) + instant)
+    new = DRTRLTraces(state=lin.new_state, eps=tuple(new_eps))
+    return new, lin.y, lin.loss, unflatten_grads(params, grads)

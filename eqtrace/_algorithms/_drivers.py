@@ -1,0 +1,98 @@
+"""Drivers: scan an online algorithm over a sequence, and average over a batch."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+from .._compiler import compile_etrace_graph, ETraceGraph
+from ._d_rtrl import d_rtrl_init, d_rtrl_step
+
+
+ALGORITHMS: dict[str, tuple[Callable, Callable]] = {"d_rtrl": (d_rtrl_init, d_rtrl_step)}
+
+_GRAPHS: dict = {}
+
+
+def graph_for(model, x, state) -> ETraceGraph:
+    """The compiled graph for this model structure and these input/state shapes, compiled once.
+
+    Works inside `jit`/`vmap`: only the structure, shapes and dtypes are used.
+    """
+    dynamic, static = eqx.partition((model, x, state), eqx.is_array)
+    leaves, treedef = jtu.tree_flatten(dynamic)
+    key = (treedef, static, tuple((tuple(a.shape), np.dtype(a.dtype)) for a in leaves))
+    try:
+        return _GRAPHS[key]
+    except TypeError:  # an unhashable static part: compile without caching
+        key = None
+    except KeyError:
+        pass
+    with jax.ensure_compile_time_eval():
+        concrete = [np.zeros(a.shape, a.dtype) for a in leaves]
+        graph = compile_etrace_graph(*eqx.combine(jtu.tree_unflatten(treedef, concrete), static))
+    if key is not None:
+        _GRAPHS[key] = graph
+    return graph
+
+
+def _check_algorithm(algorithm: str) -> tuple[Callable, Callable]:
+    name = {"pp_prop": "es_d_rtrl"}.get(algorithm, algorithm)
+    if name not in ALGORITHMS:
+        raise ValueError(f"`algorithm` must be one of {sorted(ALGORITHMS)}, got {algorithm!r}.")
+    return ALGORITHMS[name]
+
+
+def online_grad(model, state, xs, targets, loss_fn: Callable, algorithm: str = "d_rtrl", *, graph=None):
+    r"""Online gradient of $\sum_t L_t$ over a sequence, forward in time with constant memory.
+
+    Compiles the model's graph once per model structure (or uses `graph`), then scans the
+    algorithm's step over time. Same contract as [`eqtrace.bptt_grad`][].
+
+    **Arguments:**
+
+    - `model`: `model(x, state) -> (y, new_state)`.
+    - `state`: the initial hidden state.
+    - `xs`, `targets`: inputs and targets with a leading time axis.
+    - `loss_fn`: `loss_fn(y_t, target_t) -> scalar`.
+    - `algorithm`: `"d_rtrl"`.
+    - `graph`: a precompiled [`eqtrace.ETraceGraph`][] (optional).
+
+    **Returns:**
+
+    `(grads, losses)`: gradients in the structure of `eqx.filter(model, eqx.is_inexact_array)`,
+    and the per-step losses, shape `(T,)`.
+    """
+    init, step = _check_algorithm(algorithm)
+    if graph is None:
+        graph = graph_for(model, jtu.tree_map(lambda a: a[0], xs), state)
+    traces = init(graph, model, state)
+    zeros = jtu.tree_map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
+
+    def body(carry, xt):
+        traces, acc = carry
+        traces, _, loss, g = step(graph, model, traces, xt[0], xt[1], loss_fn)
+        return (traces, jtu.tree_map(jnp.add, acc, g)), loss
+
+    (_, grads), losses = jax.lax.scan(body, (traces, zeros), (xs, targets))
+    return grads, losses
+
+
+def batch_grad(grad_fn: Callable, model, states, xs, targets, loss_fn: Callable, **kwargs):
+    """Average `grad_fn` (`online_grad` or `bptt_grad`) over a batch, with `jax.vmap`.
+
+    **Arguments:**
+
+    - `grad_fn`: [`eqtrace.online_grad`][] or [`eqtrace.bptt_grad`][].
+    - `states`, `xs`, `targets`: with a leading batch axis (`xs` is `(batch, time, ...)`).
+    - `kwargs`: passed on to `grad_fn` (e.g. `algorithm=`).
+
+    **Returns:**
+
+    `(grads, losses)`: the batch-mean gradient and per-step losses (shape `(T,)`).
+    """
+    grads, losses = jax.vmap(lambda s, x, t: grad_fn(model, s, x, t, loss_fn, **kwargs))(states, xs, targets)
+    return jtu.tree_map(lambda g: jnp.mean(g, axis=0), grads), jnp.mean(losses, axis=0)

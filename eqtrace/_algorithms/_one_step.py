@@ -1,0 +1,153 @@
+"""What every online algorithm needs from one step, computed once: the loss and its exact
+same-step gradient, the learning signal `δ = ∂L_t/∂h_t`, the ETP operations' operands, and the
+per-position Jacobian blocks `D = ∂h_t/∂h_{t-1}` (ETP outputs held fixed) and `D_f = ∂h_t/∂y`."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from .._compiler import ETraceGraph, evaluate, HiddenGroup
+from .._compiler._run import flatten_step_inputs, unflatten_step_outputs
+
+
+class StepLinearisation(eqx.Module):
+    """One step of the model, linearised around the current state.
+
+    - `y`, `new_state`, `loss`: the step's output, new state pytree and loss.
+    - `grads`: exact same-step gradient of the loss for every inexact weight leaf (flat, `None`
+      for the others): `∂L_t/∂θ` with `h_{t-1}` held fixed.
+    - `delta`: per hidden group, `∂L_t/∂h_t` stacked on a trailing state axis (`varshape + (S,)`).
+    - `operands`, `outputs`: per ETP equation index, its operands and output.
+    - `d_total`: per group, the blocks `∂h_t/∂h_{t-1}` (`varshape + (S, S)`, `[..., s, c]`).
+    - `d_local`: the same with the other new hidden values of the step held fixed (equal to
+      `d_total` unless the graph is `chained`); `δ · d_local` is the learning signal at `h_{t-1}`.
+    - `d_f`: per relation equation index and group index, `∂h_t/∂y` (`varshape + (S,)`).
+    """
+
+    y: object
+    new_state: object
+    loss: jax.Array
+    grads: list
+    delta: tuple
+    operands: dict
+    outputs: dict
+    d_total: tuple
+    d_local: tuple
+    d_f: dict
+
+
+def _group_columns(graph: ETraceGraph) -> list[list[int]]:
+    """For each group, the positions of its states among the perturbation points."""
+    index = {p: k for k, p in enumerate(graph.hidden_perturb.hidden_paths)}
+    return [[index[p] for p in g.hidden_paths] for g in graph.hidden_groups]
+
+
+def _blocks(jvp: Callable, hidden: list, group: HiddenGroup, cols: list[int]) -> jax.Array:
+    """Per-position `S×S` blocks of a Jacobian whose JVP is `jvp`, for the states `cols` of `group`.
+
+    A position-wise group needs one JVP per state (a tangent of ones); otherwise the diagonal blocks
+    are read off a JVP per (position, state) pair.
+    """
+    zeros = [jnp.zeros_like(h) for h in hidden]
+
+    def column(c, tangent_c):
+        t = list(zeros)
+        t[cols[c]] = tangent_c
+        out = jvp(t)
+        return jnp.stack([out[k] for k in cols], axis=-1)  # varshape + (S,)
+
+    shape, dtype, n = group.varshape, group.dtype, group.num_positions
+    if group.position_wise:
+        cols_out = [column(c, jnp.ones(shape, dtype)) for c in range(len(cols))]
+    else:
+        basis = jnp.eye(n, dtype=dtype).reshape((n,) + shape)
+        cols_out = []
+        for c in range(len(cols)):
+            full = jax.vmap(lambda e: column(c, e))(basis)  # (n,) + varshape + (S,)
+            diag = jnp.diagonal(full.reshape((n, n, len(cols))), axis1=0, axis2=1)  # (S, n)
+            cols_out.append(jnp.moveaxis(diag, 0, -1).reshape(shape + (len(cols),)))
+    return jnp.stack(cols_out, axis=-1)  # varshape + (S, S): [..., s, c]
+
+
+def linearise_step(graph: ETraceGraph, params, x, state, target, loss_fn: Callable) -> StepLinearisation:
+    """Linearise one step of the compiled model (see [`StepLinearisation`][])."""
+    info = graph.module_info
+    closed = info.closed_jaxpr
+    weights, xs, hidden = flatten_step_inputs(graph, params, x, state)
+    perturb = graph.hidden_perturb
+    pvars = perturb.perturb_vars if perturb is not None else ()
+    hidden_index = {p: i for i, p in enumerate(info.hidden_paths)}
+    traced = [hidden_index[p] for p in perturb.hidden_paths] if perturb is not None else []
+    inexact = [jnp.issubdtype(w.dtype, jnp.inexact) for w in weights]
+    diff_weights = [w for w, ok in zip(weights, inexact) if ok]
+
+    def merge(dw):
+        it = iter(dw)
+        return [next(it) if ok else w for w, ok in zip(weights, inexact)]
+
+    def loss_of(dw, ps):
+        record: dict = {}
+        at = {v: (lambda p: lambda val: val + p)(p) for v, p in zip(pvars, ps)}
+        outs = evaluate(
+            closed, [*merge(dw), *xs, *hidden], at_vars=at, on_etp=lambda i, a, o: record.__setitem__(i, (a, o))
+        )
+        y, new_state = unflatten_step_outputs(graph, outs)
+        loss = loss_fn(y, target)
+        if not (isinstance(loss, jax.Array) and loss.shape == ()):
+            raise ValueError(
+                f"`loss_fn(y, target)` must return a scalar array, got {getattr(loss, 'shape', type(loss))}."
+            )
+        return loss, (y, new_state, record)
+
+    zeros_p = [jnp.zeros(v.aval.shape, v.aval.dtype) for v in pvars]
+    loss, vjp, (y, new_state, record) = jax.vjp(loss_of, diff_weights, zeros_p, has_aux=True)
+    g_w, g_p = vjp(jnp.ones_like(loss))
+    it = iter(g_w)
+    grads = [next(it) if ok else None for ok in inexact]
+    operands = {i: a for i, (a, _) in record.items()}
+    outputs = {i: o for i, (_, o) in record.items()}
+
+    cols = _group_columns(graph) if perturb is not None else []
+    delta = tuple(jnp.stack([g_p[k] for k in c], axis=-1) for c in cols)
+
+    # The cut transition: new hidden values from old ones with every ETP output held fixed.
+    def transition(h_traced, ys, detach):
+        h = list(hidden)
+        for i, v in zip(traced, h_traced):
+            h[i] = v
+        raw: dict = {}
+        at = {}
+        if detach:
+            at = {v: (lambda v: lambda val: (raw.__setitem__(v, val), jax.lax.stop_gradient(val))[1])(v) for v in pvars}
+        outs = evaluate(closed, [*weights, *xs, *h], etp_outputs=ys, at_vars=at)
+        new = outs[info.num_outputs :]
+        return [raw[v] for v in pvars] if detach else [new[i] for i in traced]
+
+    h0 = [hidden[i] for i in traced]
+    _, jvp_h = jax.linearize(lambda h: transition(h, outputs, False), h0)
+    d_total = tuple(_blocks(jvp_h, h0, g, c) for g, c in zip(graph.hidden_groups, cols))
+    if perturb is not None and perturb.chained:
+        _, jvp_l = jax.linearize(lambda h: transition(h, outputs, True), h0)
+        d_local = tuple(_blocks(jvp_l, h0, g, c) for g, c in zip(graph.hidden_groups, cols))
+    else:
+        d_local = d_total
+
+    d_f: dict = {}
+    rel_eqns = sorted({r.eqn_index for r in graph.hidden_param_op_relations})
+    if rel_eqns:
+        _, jvp_y = jax.linearize(lambda ys: transition(h0, {**outputs, **ys}, False), {e: outputs[e] for e in rel_eqns})
+        for e in rel_eqns:
+            t = {k: jnp.zeros_like(outputs[k]) for k in rel_eqns}
+            t[e] = jnp.ones_like(outputs[e])
+            out = jvp_y(t)
+            d_f[e] = {g.index: jnp.stack([out[k] for k in c], axis=-1) for g, c in zip(graph.hidden_groups, cols)}
+    return StepLinearisation(y, new_state, loss, grads, delta, operands, outputs, d_total, d_local, d_f)
+
+
+def unflatten_grads(params, flat_grads: list):
+    """Flat weight gradients (`None` for non-inexact leaves) in the structure of
+    `eqx.filter(params, eqx.is_inexact_array)`."""
+    return jtu.tree_unflatten(jtu.tree_structure(eqx.filter(params, eqx.is_array)), flat_grads)

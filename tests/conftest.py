@@ -1,0 +1,8 @@
+"""Global numerics for the test suite: float64 oracles, no silent dtype or rank promotion."""
+
+import jax
+
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")

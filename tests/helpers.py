@@ -1,0 +1,76 @@
+"""Helpers shared by the tests: pytree comparison with tolerances that depend on dtype."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+# (rtol, atol) by floating dtype; anything else (integers, bools) must match exactly.
+_TOLERANCES = {
+    jnp.dtype(jnp.float64): (1e-6, 1e-9),
+    jnp.dtype(jnp.complex128): (1e-6, 1e-9),
+    jnp.dtype(jnp.float32): (1e-4, 1e-6),
+    jnp.dtype(jnp.complex64): (1e-4, 1e-6),
+    jnp.dtype(jnp.float16): (1e-2, 1e-3),
+    jnp.dtype(jnp.bfloat16): (1e-2, 1e-3),
+}
+
+
+def _tolerances(a, b, rtol, atol):
+    # The looser tolerance of the two dtypes: comparing float32 to float64 is judged as float32.
+    tols = [_TOLERANCES.get(jnp.result_type(x), (0.0, 0.0)) for x in (a, b)]
+    default_rtol = max(t[0] for t in tols)
+    default_atol = max(t[1] for t in tols)
+    return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
+
+
+def _leaf_report(a, b, rtol, atol):
+    """`None` if the leaves match, else a short description of how they differ."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.shape != b.shape:
+        return f"shape {a.shape} != {b.shape}"
+    rtol, atol = _tolerances(a, b, rtol, atol)
+    with jax.numpy_dtype_promotion("standard"):
+        ok = bool(jnp.allclose(a, b, rtol=rtol, atol=atol))
+    if ok:
+        return None
+    diff = np.abs(np.asarray(a, dtype=np.complex128) - np.asarray(b, dtype=np.complex128))
+    scale = atol + rtol * np.abs(np.asarray(b, dtype=np.complex128))
+    if diff.size == 0:
+        return "empty leaves differ"
+    worst = np.unravel_index(np.argmax(diff - scale), diff.shape)
+    return (
+        f"max |a-b| = {diff.max():.3e} (rtol={rtol:g}, atol={atol:g}); worst at index "
+        f"{tuple(int(i) for i in worst)}: {np.asarray(a)[worst]!r} vs {np.asarray(b)[worst]!r}"
+    )
+
+
+def _compare(a, b, rtol, atol):
+    """A list of `(path, report)` for every leaf that differs, or a structure mismatch."""
+    a_leaves, a_def = jax.tree_util.tree_flatten_with_path(a)
+    b_leaves, b_def = jax.tree_util.tree_flatten_with_path(b)
+    if a_def != b_def:
+        return [("<structure>", f"{a_def} != {b_def}")]
+    failures = []
+    for (path, x), (_, y) in zip(a_leaves, b_leaves, strict=True):
+        report = _leaf_report(x, y, rtol, atol)
+        if report is not None:
+            failures.append((jax.tree_util.keystr(path) or "<root>", report))
+    return failures
+
+
+def tree_allclose(a, b, rtol=None, atol=None) -> bool:
+    """Whether two pytrees have the same structure and leaf-wise `jnp.allclose` leaves.
+
+    Default tolerances depend on the leaves' dtype: float64 `rtol=1e-6, atol=1e-9`, float32
+    `rtol=1e-4, atol=1e-6`; integer and boolean leaves must be equal.
+    """
+    return not _compare(a, b, rtol, atol)
+
+
+def assert_tree_allclose(a, b, rtol=None, atol=None) -> None:
+    """Like `tree_allclose`, but fails with the leaf that differs most, and how."""
+    failures = _compare(a, b, rtol, atol)
+    if failures:
+        lines = "\n".join(f"  {path}: {report}" for path, report in failures)
+        raise AssertionError(f"pytrees differ in {len(failures)} leaf/leaves:\n{lines}")
