@@ -377,7 +377,6 @@ i32 = lambda *shape: jnp.ones(shape, jnp.int32)
         (lambda: eqtrace.conv(f64(2, 9), f64(4, 2, 3), padding="FULL"), ValueError, "padding"),
         (lambda: eqtrace.conv(f64(2, 9, 9), f64(4, 2, 3, 3), stride=(1, 2, 3)), ValueError, "stride"),
         (lambda: eqtrace.conv(f64(2, 9), f64(4, 2, 3), stride=0), ValueError, "stride"),
-        ),
         (lambda: eqtrace.conv(f64(2, 9), f64(4, 2, 3), dilation=(1, 1)), ValueError, "dilation"),
         (lambda: eqtrace.element_wise(i32(3), decay), TypeError, "w"),
         (lambda: eqtrace.element_wise(f64(3), 3.0), TypeError, "fn"),
