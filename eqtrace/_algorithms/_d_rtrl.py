@@ -71,16 +71,13 @@ def _apply_blocks(d: jax.Array, eps: jax.Array) -> jax.Array:
     return jnp.einsum("...sc,...c->...s", d, eps)
 
 
-def _instant(graph: ETraceGraph, rel, operands, d_f: jax.Array) -> jax.Array:
-    """`∂h_t/∂W` at this step in trace layout: the op's VJP for the weight, one state at a time."""
-    eqn = graph.module_info.closed_jaxpr.jaxpr.eqns[rel.eqn_index]
-    op = etp_op_of(rel.primitive)
-    j = rel.operand_index
+def instant_trace(primitive, params: dict, operands: list, j: int, d_f: jax.Array) -> jax.Array:
+    """`∂h_t/∂W` at this step in trace layout (`W.shape + (S,)`) for weight operand `j` of an ETP
+    operation: the operation's own VJP for the weight, with `∂h/∂y` of one state at a time."""
+    op = etp_op_of(primitive)
 
     def f(w):
-        ops = list(operands)
-        ops[j] = w
-        return op.impl(*ops, **eqn.params)
+        return op.impl(*operands[:j], w, *operands[j + 1 :], **params)
 
     _, vjp = jax.vjp(f, operands[j])
     return jax.vmap(lambda ct: vjp(ct)[0], in_axes=-1, out_axes=-1)(d_f)
@@ -119,7 +116,9 @@ def d_rtrl_step(
         w = index[rel.weight_path]
         delta = jnp.broadcast_to(lin.delta[g], eps.shape)
         grads[w] = grads[w] + jnp.sum(_apply_blocks(lin.d_local[g], eps) * delta, axis=-1)
-        instant = _instant(graph, rel, lin.operands[rel.eqn_index], lin.d_f[rel.eqn_index][g])
+        params_e = graph.module_info.closed_jaxpr.jaxpr.eqns[rel.eqn_index].params
+        ops = lin.operands[rel.eqn_index]
+        instant = instant_trace(rel.primitive, params_e, ops, rel.operand_index, lin.d_f[rel.eqn_index][g])
         new_eps.append(_apply_blocks(lin.d_total[g], eps) + instant)
     new = DRTRLTraces(state=lin.new_state, eps=tuple(new_eps))
     return new, lin.y, lin.loss, unflatten_grads(params, grads)

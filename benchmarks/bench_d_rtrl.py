@@ -1,0 +1,320 @@
+"""Benchmark D-RTRL against BPTT and a forward-only scan: time, compile time and XLA memory.
+
+Usage:
+
+    python benchmarks/bench_d_rtrl.py --quick               # < 2 min on a 2-core CPU
+    python benchmarks/bench_d_rtrl.py --out results.json    # the full grid
+    python benchmarks/bench_d_rtrl.py --braintrace-only     # only the braintrace comparison
+
+For every (cell, hidden n, batch B, length T) it builds `model = cell + Linear readout` and
+measures, each under `jax.jit`:
+
+- `d_rtrl`:  `eqtrace.batch_grad(eqtrace.online_grad, ...)` (algorithm="d_rtrl"),
+- `bptt`:    `eqtrace.batch_grad(eqtrace.bptt_grad, ...)`,
+- `forward`: a vmapped `jax.lax.scan` of the model and the loss, no gradient.
+
+Compile time is `jax.jit(f).lower(...)` (tracing; for D-RTRL it includes compiling the eqtrace
+graph) plus `.compile()`; run time is the median wall time of several calls after one warm-up
+call (`block_until_ready`); memory is `compiled.memory_analysis()` (temp, argument, output bytes).
+
+If `braintrace` is importable (install it into a *separate* environment: `pip install
+braintrace==0.2.6`, then run this script there with eqtrace on `PYTHONPATH`), a second section
+times braintrace's `D_RTRL` (`braintrace.compile(...).etrace_grad`) on the same sizes.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import eqtrace
+import eqtrace.nn as enn
+
+
+N_IN, N_OUT = 32, 10
+
+
+class Net(eqx.Module):
+    """One recurrent cell and a Linear readout."""
+
+    rnn: eqx.Module
+    out: enn.Linear
+
+    def __init__(self, cell: str, n_in: int, n: int, n_out: int, *, key):
+        k1, k2 = jax.random.split(key)
+        cls = {"gru": enn.GRUCell, "rnn": enn.VanillaRNNCell}[cell]
+        self.rnn = cls(n_in, n, key=k1)
+        self.out = enn.Linear(n, n_out, key=k2)
+
+    def __call__(self, x, state):
+        s = self.rnn(x, state["rnn"])
+        return self.out(s.h), {"rnn": s}
+
+    def init_state(self):
+        return {"rnn": self.rnn.init_state()}
+
+
+def mse(y, target):
+    return jnp.mean((y - target) ** 2)
+
+
+def make_problem(cell, n, batch, T, seed=0):
+    kx, ky, km = jax.random.split(jax.random.key(seed), 3)
+    model = Net(cell, N_IN, n, N_OUT, key=km)
+    state = model.init_state()
+    states = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), state)
+    xs = jax.random.normal(kx, (batch, T, N_IN))
+    targets = jax.random.normal(ky, (batch, T, N_OUT))
+    return model, states, xs, targets
+
+
+def make_fns(model):
+    """The three jitted-to-be functions of `(params, states, xs, targets)`."""
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def d_rtrl(params, states, xs, targets):
+        m = eqx.combine(params, static)
+        return eqtrace.batch_grad(eqtrace.online_grad, m, states, xs, targets, mse, algorithm="d_rtrl")
+
+    def bptt(params, states, xs, targets):
+        m = eqx.combine(params, static)
+        return eqtrace.batch_grad(eqtrace.bptt_grad, m, states, xs, targets, mse)
+
+    def forward(params, states, xs, targets):
+        m = eqx.combine(params, static)
+
+        def one(state, xs, targets):
+            def body(s, xt):
+                y, s = m(xt[0], s)
+                return s, mse(y, xt[1])
+
+            return jax.lax.scan(body, state, (xs, targets))[1]
+
+        return jnp.mean(jax.vmap(one)(states, xs, targets), axis=0)
+
+    return params, {"d_rtrl": d_rtrl, "bptt": bptt, "forward": forward}
+
+
+def time_calls(call, *, min_reps, max_reps, min_time):
+    """Median wall time of `call()` after one warm-up call: at least `min_reps` calls, more
+    (up to `max_reps`) while the total is under `min_time` seconds."""
+    jax.block_until_ready(call())  # warm-up
+    times = []
+    while len(times) < min_reps or (len(times) < max_reps and sum(times) < min_time):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), len(times)
+
+
+def measure(fn, args, *, run, reps):
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn).lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    rec = {
+        "lower_s": t1 - t0,
+        "compile_s": t2 - t1,
+        "temp_bytes": int(mem.temp_size_in_bytes) if mem is not None else None,
+        "argument_bytes": int(mem.argument_size_in_bytes) if mem is not None else None,
+        "output_bytes": int(mem.output_size_in_bytes) if mem is not None else None,
+        "time_s": None,
+        "reps": 0,
+    }
+    if run:
+        rec["time_s"], rec["reps"] = time_calls(lambda: compiled(*args), **reps)
+    return rec
+
+
+def grid(quick):
+    """(cell, n, batch, T, run): `run=False` means memory/compile only."""
+    out = []
+    for cell in ("gru", "rnn"):
+        if quick:
+            for batch in (1, 32):
+                out.append((cell, 64, batch, 100, True))
+                out.append((cell, 64, batch, 1000, False))
+        else:
+            for n in (64, 256):
+                for batch in (1, 32):
+                    for T in (100, 1000):
+                        out.append((cell, n, batch, T, True))
+    return out
+
+
+def fmt_bytes(b):
+    if b is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if b < 1024 or unit == "GiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+
+
+def fmt_time(t):
+    if t is None:
+        return "-"
+    return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def run_eqtrace(args):
+    reps = {"min_reps": args.min_reps, "max_reps": args.max_reps, "min_time": args.min_time}
+    results = []
+    for cell, n, batch, T, run in grid(args.quick):
+        model, states, xs, targets = make_problem(cell, n, batch, T)
+        params, fns = make_fns(model)
+        row = {"cell": cell, "n": n, "batch": batch, "T": T}
+        t0 = time.perf_counter()
+        for name, fn in fns.items():
+            row[name] = measure(fn, (params, states, xs, targets), run=run, reps=reps)
+        d, b, f = row["d_rtrl"], row["bptt"], row["forward"]
+        print(
+            f"[{time.perf_counter() - t0:6.1f}s] {cell} n={n} B={batch} T={T}: "
+            f"time d_rtrl {fmt_time(d['time_s'])} bptt {fmt_time(b['time_s'])} fwd {fmt_time(f['time_s'])} | "
+            f"temp d_rtrl {fmt_bytes(d['temp_bytes'])} bptt {fmt_bytes(b['temp_bytes'])} "
+            f"fwd {fmt_bytes(f['temp_bytes'])} | compile d_rtrl {d['lower_s'] + d['compile_s']:.1f}s "
+            f"bptt {b['lower_s'] + b['compile_s']:.1f}s",
+            flush=True,
+        )
+        results.append(row)
+    return results
+
+
+def table(results):
+    lines = [
+        "| cell | n | B | T | D-RTRL time | BPTT time | fwd time | D-RTRL/BPTT | D-RTRL/fwd "
+        "| D-RTRL temp | BPTT temp | fwd temp | compile D-RTRL / BPTT / fwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        d, b, f = r["d_rtrl"], r["bptt"], r["forward"]
+        c = " / ".join(f"{m['lower_s'] + m['compile_s']:.1f}s" for m in (d, b, f))
+        lines.append(
+            f"| {r['cell']} | {r['n']} | {r['batch']} | {r['T']} | {fmt_time(d['time_s'])} | "
+            f"{fmt_time(b['time_s'])} | {fmt_time(f['time_s'])} | {ratio(d['time_s'], b['time_s'])} | "
+            f"{ratio(d['time_s'], f['time_s'])} | {fmt_bytes(d['temp_bytes'])} | {fmt_bytes(b['temp_bytes'])} | "
+            f"{fmt_bytes(f['temp_bytes'])} | {c} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional: braintrace's D_RTRL on the same sizes.
+
+
+def run_braintrace(args, eq_results):
+    try:
+        import brainstate
+        import braintrace
+    except ImportError:
+        print("braintrace not importable: skipping the braintrace comparison.", flush=True)
+        return None
+
+    class BTNet(brainstate.nn.Module):
+        def __init__(self, cell, n_in, n, n_out):
+            super().__init__()
+            cls = {"gru": braintrace.nn.GRUCell, "rnn": braintrace.nn.ValinaRNNCell}[cell]
+            kw = {"activation": "tanh"} if cell == "rnn" else {}
+            self.rnn = cls(n_in, n, **kw)
+            self.out = braintrace.nn.Linear(n, n_out)
+
+        def update(self, x):
+            return self.out(self.rnn(x))
+
+    reps = {"min_reps": args.min_reps, "max_reps": args.max_reps, "min_time": args.min_time}
+    eq_time = {(r["cell"], r["n"], r["batch"], r["T"]): r["d_rtrl"]["time_s"] for r in eq_results}
+    T = 100
+    sizes = [(c, n, b) for c in ("gru", "rnn") for n in ((64,) if args.quick else (64, 256)) for b in (1, 32)]
+    out = []
+    for cell, n, batch in sizes:
+        import warnings
+
+        _, _, xs, targets = make_problem(cell, n, batch, T)
+        xs, targets = jnp.swapaxes(xs, 0, 1), jnp.swapaxes(targets, 0, 1)  # braintrace: (T, B, ...)
+        brainstate.random.seed(0)
+        net = BTNet(cell, N_IN, n, N_OUT)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            learner = braintrace.compile(net, braintrace.D_RTRL, xs[0], batch_size=batch)
+
+        def step_loss(x, y):
+            return jnp.mean((learner(x) - y) ** 2)
+
+        @brainstate.transform.jit
+        def grad(xs, targets):
+            return learner.etrace_grad(xs, targets, step_fn=step_loss, return_value=True)
+
+        t0 = time.perf_counter()
+        jax.block_until_ready(grad(xs, targets))
+        first = time.perf_counter() - t0
+        bt, nrep = time_calls(lambda: grad(xs, targets), **reps)
+        key = (cell, n, batch, T)
+        if key not in eq_time or eq_time[key] is None:
+            model, states, exs, etg = make_problem(cell, n, batch, T)
+            params, fns = make_fns(model)
+            eq_time[key] = measure(fns["d_rtrl"], (params, states, exs, etg), run=True, reps=reps)["time_s"]
+        rec = {"cell": cell, "n": n, "batch": batch, "T": T, "braintrace_s": bt, "braintrace_first_call_s": first,
+               "eqtrace_s": eq_time[key], "reps": nrep}
+        print(f"braintrace {cell} n={n} B={batch} T={T}: braintrace {fmt_time(bt)} (first call {first:.1f}s), "
+              f"eqtrace {fmt_time(eq_time[key])}, eqtrace/braintrace {ratio(eq_time[key], bt)}", flush=True)
+        out.append(rec)
+    return out
+
+
+def bt_table(rows):
+    lines = ["| cell | n | B | T | eqtrace D-RTRL | braintrace D_RTRL | eqtrace/braintrace |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['cell']} | {r['n']} | {r['batch']} | {r['T']} | {fmt_time(r['eqtrace_s'])} | "
+                     f"{fmt_time(r['braintrace_s'])} | {ratio(r['eqtrace_s'], r['braintrace_s'])} |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="n=64, B in {1,32}, T=100 timed, T=1000 memory only")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--min-reps", type=int, default=3, help="timed calls at least (after one warm-up)")
+    p.add_argument("--max-reps", type=int, default=10, help="timed calls at most")
+    p.add_argument("--min-time", type=float, default=1.0, help="keep timing (up to --max-reps) until this many s")
+    p.add_argument("--no-braintrace", action="store_true", help="skip the braintrace comparison")
+    p.add_argument("--braintrace-only", action="store_true", help="only the braintrace comparison")
+    args = p.parse_args()
+
+    meta = {"jax": jax.__version__, "eqx": eqx.__version__, "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()], "python": sys.version.split()[0],
+            "machine": platform.machine(), "cpus": __import__("os").cpu_count(), "quick": args.quick}
+    print(json.dumps(meta), flush=True)
+    t0 = time.perf_counter()
+    results = [] if args.braintrace_only else run_eqtrace(args)
+    t_eq = time.perf_counter() - t0
+    if results:
+        print(f"\neqtrace grid took {t_eq:.0f}s\n")
+        print(table(results))
+    bt = None
+    if not args.no_braintrace:
+        bt = run_braintrace(args, results)
+        if bt:
+            print()
+            print(bt_table(bt))
+    meta["eqtrace_grid_s"] = t_eq
+    meta["total_s"] = time.perf_counter() - t0
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "eqtrace": results, "braintrace": bt}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

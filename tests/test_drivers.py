@@ -1,0 +1,119 @@
+"""The drivers' contract: pure, `vmap`-able, a static graph, memory flat in the sequence length."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import eqtrace
+from eqtrace._algorithms._d_rtrl import instant_trace
+from eqtrace._ops import etp_op_of
+
+from .helpers import assert_tree_allclose
+from .models import SingleLayerRNN, TwoLayerGRU
+
+
+def mse(y, t):
+    return jnp.sum((y - t) ** 2)
+
+
+def _data(T, key, n_in=3, n_out=2, batch=None):
+    lead = (T,) if batch is None else (batch, T)
+    k1, k2 = jax.random.split(key)
+    return jax.random.normal(k1, lead + (n_in,)), jax.random.normal(k2, lead + (n_out,))
+
+
+def test_grads_have_the_structure_of_the_inexact_model():
+    model = TwoLayerGRU(3, 4, 2, key=jax.random.key(0))
+    xs, ts = _data(5, jax.random.key(1))
+    for fn in (eqtrace.online_grad, eqtrace.bptt_grad):
+        grads, losses = fn(model, model.init_state(), xs, ts, mse)
+        assert jax.tree.structure(grads) == jax.tree.structure(eqx.filter(model, eqx.is_inexact_array))
+        assert losses.shape == (5,)
+
+
+def test_batch_grad_is_the_mean_of_single_sequences():
+    model = SingleLayerRNN(3, 4, 2, key=jax.random.key(2))
+    xs, ts = _data(6, jax.random.key(3), batch=3)
+    states = jax.vmap(lambda _: model.init_state())(jnp.arange(3))
+    grads, losses = eqtrace.batch_grad(eqtrace.online_grad, model, states, xs, ts, mse)
+    singles = [eqtrace.online_grad(model, model.init_state(), xs[b], ts[b], mse) for b in range(3)]
+    mean = jax.tree.map(lambda *g: sum(g) / 3, *[g for g, _ in singles])
+    assert_tree_allclose(grads, mean)
+    assert_tree_allclose(losses, sum(l for _, l in singles) / 3)
+
+
+def test_d_rtrl_step_with_a_static_graph_traces_once():
+    model = SingleLayerRNN(3, 4, 2, key=jax.random.key(4))
+    graph = eqtrace.compile_etrace_graph(model, jnp.zeros(3), model.init_state())
+    count = []
+
+    @eqx.filter_jit
+    def step(graph, model, traces, x, t):
+        count.append(None)
+        return eqtrace.d_rtrl_step(graph, model, traces, x, t, mse)
+
+    traces = eqtrace.d_rtrl_init(graph, model, model.init_state())
+    xs, ts = _data(4, jax.random.key(5))
+    for x, t in zip(xs, ts):
+        traces, y, loss, grads = step(graph, model, traces, x, t)
+    assert len(count) == 1
+    assert jnp.isfinite(loss)
+
+
+def test_online_grad_under_filter_jit_and_unknown_algorithm():
+    model = SingleLayerRNN(3, 4, 2, key=jax.random.key(6))
+    xs, ts = _data(4, jax.random.key(7))
+    g_jit, _ = eqx.filter_jit(eqtrace.online_grad)(model, model.init_state(), xs, ts, mse)
+    g, _ = eqtrace.online_grad(model, model.init_state(), xs, ts, mse)
+    assert_tree_allclose(g_jit, g)
+    with pytest.raises(ValueError, match=r"`algorithm` must be one of"):
+        eqtrace.online_grad(model, model.init_state(), xs, ts, mse, algorithm="nope")
+
+
+def test_loss_must_be_a_scalar():
+    model = SingleLayerRNN(3, 4, 2, key=jax.random.key(8))
+    xs, ts = _data(2, jax.random.key(9))
+    with pytest.raises(ValueError, match=r"`loss_fn\(y, target\)` must return a scalar"):
+        eqtrace.online_grad(model, model.init_state(), xs, ts, lambda y, t: (y - t) ** 2)
+
+
+def _temp_bytes(fn, model, T):
+    xs, ts = _data(T, jax.random.key(10))
+    compiled = jax.jit(lambda xs, ts: fn(model, model.init_state(), xs, ts, mse)).lower(xs, ts).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_online_memory_does_not_grow_with_sequence_length():
+    model = SingleLayerRNN(3, 16, 2, key=jax.random.key(11))
+    online = [_temp_bytes(eqtrace.online_grad, model, T) for T in (50, 500)]
+    bptt = [_temp_bytes(eqtrace.bptt_grad, model, T) for T in (50, 500)]
+    assert online[1] == online[0]
+    assert bptt[1] > 5 * bptt[0]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda k: (jax.random.normal(k, (3,)), jax.random.normal(k, (3, 4)), None, 1),
+        lambda k: (jax.random.normal(k, (3,)), jax.random.normal(k, (3, 4)), jax.random.normal(k, (4,)), 2),
+        lambda k: (None, jax.random.normal(k, (4,)), None, 0),
+    ],
+    ids=["matmul_weight", "matmul_bias", "element_wise"],
+)
+def test_trace_rule_agrees_with_the_jacobian_of_the_op(make):
+    """The instantaneous trace term of a weight equals `∂y/∂W` (from `jax.jacfwd` of the op's
+    implementation) contracted with `∂h/∂y`, and is position-diagonal."""
+    x, w, b, j = make(jax.random.key(12))
+    if x is None:
+        prim, operands, params = eqtrace.etp_element_wise_p, [w], {"fn": jnp.sin}
+    else:
+        prim, operands, params = eqtrace.etp_matmul_p, [x, w] + ([b] if b is not None else []), {}
+    op = etp_op_of(prim)
+    d_f = jax.random.normal(jax.random.key(13), (4, 2))  # two states
+    jac = jax.jacfwd(lambda wj: op.impl(*operands[:j], wj, *operands[j + 1 :], **params))(operands[j])
+    expected = jnp.einsum("o...,os->...s", jac, d_f)
+    assert_tree_allclose(instant_trace(prim, params, operands, j, d_f), expected)
+    # Position-diagonal: the weight's trailing axis is the output position.
+    off = jac * (1 - jnp.eye(4, dtype=jac.dtype)).reshape((4,) + (1,) * (jac.ndim - 2) + (4,))
+    assert jnp.all(off == 0)
