@@ -24,5 +24,8 @@ from ._algorithms import (
     d_rtrl_init as d_rtrl_init,
     d_rtrl_step as d_rtrl_step,
     DRTRLTraces as DRTRLTraces,
+    es_d_rtrl_init as es_d_rtrl_init,
+    es_d_rtrl_step as es_d_rtrl_step,
+    ESDRTRLTraces as ESDRTRLTraces,
     online_grad as online_grad,
 )

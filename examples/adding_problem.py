@@ -9,7 +9,8 @@ Predicting the mean sum (1.0) gives the trivial baseline: the variance of a sum 
 U(0, 1) values, 1/6 ≈ 0.167. A network that remembers the marked values goes well below it.
 
 Run it with `python examples/adding_problem.py` (`--algorithm bptt` to train with BPTT instead);
-`main(["--steps", "20", ...])` returns the final loss (for tests).
+`main(["--steps", "20", ...])` returns the final loss (for tests). The first progress line's time per
+step includes the one-off JIT compilation.
 """
 
 import argparse

@@ -16,13 +16,17 @@ from eqtrace._jax_internals import bind_equation, Literal, Var
 from eqtrace._ops import etp_op_of
 
 
-def _run(graph, weights, xs, hidden, *, cut=False, detach=False, add=None, weight_override=None):
+def _run(
+    graph, weights, xs, hidden, *, cut=False, detach=False, add=None, weight_override=None, y_add=None, record=None
+):
     """Evaluate the step; returns (outputs, raw new values of the perturbation points).
 
     - `cut`: the input operand of every ETP equation is held fixed (`stop_gradient`).
     - `detach`: later reads of a new hidden value see it held fixed.
     - `add[k]`: added to perturbation point `k` where it is produced.
     - `weight_override[(eqn, operand)]`: replaces that weight operand of that ETP equation.
+    - `y_add[eqn]`: added to the output of that ETP equation.
+    - `record[eqn]`: filled with the operands of every ETP equation.
     """
     closed = graph.module_info.closed_jaxpr
     pvars = list(graph.hidden_perturb.perturb_vars)
@@ -42,7 +46,11 @@ def _run(graph, weights, xs, hidden, *, cut=False, detach=False, add=None, weigh
             for j in range(len(invals)):
                 if weight_override and (e, j) in weight_override:
                     invals[j] = weight_override[(e, j)]
+            if record is not None:
+                record[e] = list(invals)
         outs = bind_equation(eqn, invals)
+        if y_add and e in y_add:
+            outs = [outs[0] + y_add[e]]
         for v, val in zip(eqn.outvars, outs):
             if not isinstance(v, Var):
                 continue
@@ -82,12 +90,10 @@ def _traced_hidden(graph, hidden):
     return [index[p] for p in graph.hidden_perturb.hidden_paths]
 
 
-def d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory):
-    """One step of D-RTRL from full Jacobians.
-
-    `memory[r]` is the approximate `∂h_{t-1}/∂W` of relation `r` as a full (hidden × weight) matrix.
-    Returns `(new_memory, grads, new_state)`; `grads` as a flat list over the weight leaves.
-    """
+def _step_parts(graph, model, state, x, target, loss_fn):
+    """Full Jacobians of one step: the hidden Jacobian (cut at ETP inputs, masked to same-group,
+    same-position entries) with and without the step's other new values held fixed, the learning
+    signal `δ`, and the exact same-step gradient."""
     weights, xs, hidden = flatten_step_inputs(graph, model, x, state)
     traced = _traced_hidden(graph, hidden)
     offsets, mask = _layout(graph)
@@ -113,18 +119,31 @@ def d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory):
     # The exact same-step gradient, straight from the model.
     params, static = eqx.partition(model, eqx.is_inexact_array)
     g_same = eqx.filter_grad(lambda p: loss_fn(eqx.combine(p, static)(x, state)[0], target))(params)
-    grads = list(jax.tree.leaves(g_same))
-    index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
+    return weights, xs, hidden, offsets, j_total, j_local, delta, list(jax.tree.leaves(g_same))
 
+
+def _group_rows(graph, offsets, groups, n):
+    rows = np.zeros(n, bool)
+    for k, p in enumerate(graph.hidden_perturb.hidden_paths):
+        if graph.hid_path_to_group[p] in groups:
+            rows[offsets[k] : offsets[k + 1]] = True
+    return rows
+
+
+def d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory):
+    """One step of D-RTRL from full Jacobians.
+
+    `memory[r]` is the approximate `∂h_{t-1}/∂W` of relation `r` as a full (hidden × weight) matrix.
+    Returns `(new_memory, grads, new_state)`; `grads` as a flat list over the weight leaves.
+    """
+    weights, xs, hidden, offsets, j_total, j_local, delta, grads = _step_parts(graph, model, state, x, target, loss_fn)
+    index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
     new_memory = {}
     for r, rel in enumerate(graph.hidden_param_op_relations):
         if not rel.position_diagonal:
             continue
         w = weights[index[rel.weight_path]]
-        rows = np.zeros(len(h0), bool)
-        for k, p in enumerate(graph.hidden_perturb.hidden_paths):
-            if graph.hid_path_to_group[p] in rel.hidden_groups:
-                rows[offsets[k] : offsets[k + 1]] = True
+        rows = _group_rows(graph, offsets, rel.hidden_groups, len(delta))
 
         def q_of_weight(wv):
             over = {(rel.eqn_index, rel.operand_index): wv.reshape(w.shape)}
@@ -161,4 +180,67 @@ def memory_as_traces(graph, memory, model):
             off = block * (1 - jnp.eye(pn, dtype=block.dtype))[None, :, None, :]
             off_diagonal = max(off_diagonal, float(jnp.max(jnp.abs(off))))
             traces.append(jnp.moveaxis(diag, 0, -1).reshape(w.shape + (len(ks),)))
+    return traces, off_diagonal
+
+
+def es_d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory, decay):
+    """One step of ES-D-RTRL from full Jacobians.
+
+    `memory["x"][e]` is the input trace of ETP equation `e`; `memory["f"][e]` its output trace as a
+    full (hidden × output) matrix. Returns `(new_memory, grads, new_state)`.
+    """
+    weights, xs, hidden, offsets, j_total, j_local, delta, grads = _step_parts(graph, model, state, x, target, loss_fn)
+    index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
+    record = {}
+    _run(graph, weights, xs, hidden, record=record)
+    eqns = graph.module_info.closed_jaxpr.jaxpr.eqns
+    new = {"x": {}, "f": {}}
+    for e in sorted({r.eqn_index for r in graph.hidden_param_op_relations}):
+        rels = [r for r in graph.hidden_param_op_relations if r.eqn_index == e]
+        op = etp_op_of(eqns[e].primitive)
+        y = eqns[e].outvars[0].aval
+        rows = _group_rows(graph, offsets, rels[0].hidden_groups, len(delta))
+
+        def q_of_y(dy):
+            return _flat(_run(graph, weights, xs, hidden, cut=True, y_add={e: dy.reshape(y.shape)})[1])
+
+        dq_dy = jnp.where(rows[:, None], jax.jacfwd(q_of_y)(jnp.zeros(int(np.prod(y.shape)), y.dtype)), 0.0)
+        f_old = memory["f"].get(e, jnp.zeros_like(dq_dy))
+        operands = list(record[e])
+        if op.has_input:
+            x_old = memory["x"].get(e, jnp.zeros_like(operands[0]))
+            new["x"][e] = decay * x_old + operands[0]
+            operands[0] = x_old
+        cot = delta @ j_local @ f_old
+        for rel in rels:
+            j = rel.operand_index
+
+            def y_of_weight(wv):
+                ops = list(operands)
+                ops[j] = wv.reshape(operands[j].shape)
+                return jnp.ravel(op.impl(*ops, **eqns[e].params))
+
+            jac = jax.jacfwd(y_of_weight)(jnp.ravel(operands[j]))
+            g = index[rel.weight_path]
+            grads[g] = grads[g] + (cot @ jac).reshape(weights[g].shape)
+        new["f"][e] = j_total @ f_old + dq_dy
+    return new, grads, model(x, state)[1]
+
+
+def output_traces(graph, memory):
+    """The reference output traces in ES-D-RTRL's layout (`varshape + (S,)` per traced equation and
+    group), and the largest entry that layout cannot hold (off the position diagonal)."""
+    offsets, _ = _layout(graph)
+    paths = graph.hidden_perturb.hidden_paths
+    traces, off_diagonal = [], 0.0
+    eqn_groups = {r.eqn_index: r.hidden_groups for r in graph.hidden_param_op_relations}
+    for e in sorted(eqn_groups):
+        for group in eqn_groups[e]:
+            pn = group.num_positions
+            ks = [k for k, p in enumerate(paths) if p in group.hidden_paths]
+            block = jnp.stack([memory["f"][e][offsets[k] : offsets[k + 1]] for k in ks])  # (S, P, P)
+            diag = jnp.diagonal(block, axis1=1, axis2=2)
+            off = block * (1 - jnp.eye(pn, dtype=block.dtype))[None]
+            off_diagonal = max(off_diagonal, float(jnp.max(jnp.abs(off))))
+            traces.append(jnp.moveaxis(diag, 0, -1).reshape(group.varshape + (len(ks),)))
     return traces, off_diagonal

@@ -149,6 +149,20 @@ class Mixing(eqx.Module):
         return jnp.zeros(self.w.shape[1])
 
 
+class ConvLeaky(eqx.Module):
+    """A convolution feeding a leaky state element-wise: a relation shared across positions."""
+
+    conv: enn.Conv1d
+    readout: enn.Linear
+
+    def __call__(self, x, v):
+        v = 0.8 * v + self.conv(x)
+        return self.readout(jnp.tanh(v).reshape(-1)), v
+
+    def init_state(self):
+        return jnp.zeros((3, 5))
+
+
 def _all_models():
     k = jax.random.split(jax.random.key(3), 12)
     cells = [enn.VanillaRNNCell, enn.GRUCell, enn.LSTMCell, enn.MGUCell, enn.MinimalRNNCell, enn.IndRNNCell]
@@ -160,6 +174,7 @@ def _all_models():
             jax.random.normal(k[3], (3, 4)), jnp.linspace(2.0, 4.0, 4), jax.random.normal(k[4], (4, 2))
         ),
         "mixing": Mixing(jax.random.normal(k[5], (3, 4)), enn.Linear(4, 2, key=k[6])),
+        "conv_leaky": ConvLeaky(enn.Conv1d(2, 3, kernel_size=3, key=k[5]), enn.Linear(15, 2, key=k[6])),
     }
     for i, cell in enumerate(cells):
         models[cell.__name__] = StackedCells((cell(3, 4, key=k[7 + i // 3]),), enn.Linear(4, 2, key=k[11]))
@@ -175,6 +190,8 @@ MODELS = _all_models()
 def _input_for(model):
     if isinstance(model, ConvRNN):
         return lambda key: jax.random.normal(key, (1, 5, 5))
+    if isinstance(model, ConvLeaky):
+        return lambda key: jax.random.normal(key, (2, 5))
     return lambda key: jax.random.normal(key, (3,))
 
 

@@ -3,8 +3,9 @@ r"""D-RTRL: diagonal real-time recurrent learning.
 Per relation (weight $W$, hidden group $g$ with $S$ states) a weight-shaped trace with a trailing
 state axis, $\epsilon_t[\dots, n, s] = \sum_c D_t[n, s, c]\, \epsilon_{t-1}[\dots, n, c] +
 \partial h_t[n, s] / \partial W[\dots, n]$, and the gradient
-$\nabla W \mathrel{+}= \partial L_t/\partial W|_{h_{t-1}} + \sum_{n,s} \delta_t[n,s]\,
-(D^{\text{local}}_t \epsilon_{t-1})[\dots, n, s]$.
+$\nabla W \mathrel{+}= \partial L_t/\partial W|_{h_{t-1}} + \sum_{n,c} \lambda_t[n,c]\,
+\epsilon_{t-1}[\dots, n, c]$, with $\lambda_t = \delta_t^\top D^{\text{local}}_t$ the learning signal
+carried one step back (see `StepLinearisation.signal`).
 """
 
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from .._compiler import ETraceGraph
 from .._compiler._run import flatten_weights
 from .._ops import etp_op_of
-from ._one_step import linearise_step, unflatten_grads
+from ._one_step import apply_blocks, linearise_step, unflatten_grads
 
 
 class DRTRLTraces(eqx.Module):
@@ -65,12 +66,6 @@ def d_rtrl_init(graph: ETraceGraph, params, state) -> DRTRLTraces:
     return DRTRLTraces(state=state, eps=tuple(eps))
 
 
-def _apply_blocks(d: jax.Array, eps: jax.Array) -> jax.Array:
-    """`Σ_c d[n, s, c] eps[..., n, c]`: the per-position blocks act on a weight-shaped trace."""
-    d = jnp.broadcast_to(d, eps.shape[:-1] + d.shape[-2:])
-    return jnp.einsum("...sc,...c->...s", d, eps)
-
-
 def instant_trace(primitive, params: dict, operands: list, j: int, d_f: jax.Array) -> jax.Array:
     """`∂h_t/∂W` at this step in trace layout (`W.shape + (S,)`) for weight operand `j` of an ETP
     operation: the operation's own VJP for the weight, with `∂h/∂y` of one state at a time."""
@@ -114,11 +109,11 @@ def d_rtrl_step(
     for (r, g), eps in zip(traced_pairs(graph), traces.eps):
         rel = graph.hidden_param_op_relations[r]
         w = index[rel.weight_path]
-        delta = jnp.broadcast_to(lin.delta[g], eps.shape)
-        grads[w] = grads[w] + jnp.sum(_apply_blocks(lin.d_local[g], eps) * delta, axis=-1)
+        signal = jnp.broadcast_to(lin.signal[g], eps.shape)
+        grads[w] = grads[w] + jnp.sum(signal * eps, axis=-1)
         params_e = graph.module_info.closed_jaxpr.jaxpr.eqns[rel.eqn_index].params
         ops = lin.operands[rel.eqn_index]
         instant = instant_trace(rel.primitive, params_e, ops, rel.operand_index, lin.d_f[rel.eqn_index][g])
-        new_eps.append(_apply_blocks(lin.d_total[g], eps) + instant)
+        new_eps.append(apply_blocks(lin.d_total[g], eps) + instant)
     new = DRTRLTraces(state=lin.new_state, eps=tuple(new_eps))
     return new, lin.y, lin.loss, unflatten_grads(params, grads)

@@ -10,9 +10,13 @@ import numpy as np
 
 from .._compiler import compile_etrace_graph, ETraceGraph
 from ._d_rtrl import d_rtrl_init, d_rtrl_step
+from ._es_d_rtrl import es_d_rtrl_init, es_d_rtrl_step
 
 
-ALGORITHMS: dict[str, tuple[Callable, Callable]] = {"d_rtrl": (d_rtrl_init, d_rtrl_step)}
+ALGORITHMS: dict[str, tuple[Callable, Callable]] = {
+    "d_rtrl": (d_rtrl_init, d_rtrl_step),
+    "es_d_rtrl": (es_d_rtrl_init, es_d_rtrl_step),
+}
 
 _GRAPHS: dict = {}
 
@@ -46,7 +50,9 @@ def _check_algorithm(algorithm: str) -> tuple[Callable, Callable]:
     return ALGORITHMS[name]
 
 
-def online_grad(model, state, xs, targets, loss_fn: Callable, algorithm: str = "d_rtrl", *, graph=None):
+def online_grad(
+    model, state, xs, targets, loss_fn: Callable, algorithm: str = "d_rtrl", *, graph=None, **options
+):
     r"""Online gradient of $\sum_t L_t$ over a sequence, forward in time with constant memory.
 
     Compiles the model's graph once per model structure (or uses `graph`), then scans the
@@ -58,8 +64,9 @@ def online_grad(model, state, xs, targets, loss_fn: Callable, algorithm: str = "
     - `state`: the initial hidden state.
     - `xs`, `targets`: inputs and targets with a leading time axis.
     - `loss_fn`: `loss_fn(y_t, target_t) -> scalar`.
-    - `algorithm`: `"d_rtrl"`.
+    - `algorithm`: `"d_rtrl"`, or `"es_d_rtrl"` (alias `"pp_prop"`).
     - `graph`: a precompiled [`eqtrace.ETraceGraph`][] (optional).
+    - `options`: passed to the algorithm's init, e.g. `decay=0.9` for ES-D-RTRL.
 
     **Returns:**
 
@@ -69,7 +76,7 @@ def online_grad(model, state, xs, targets, loss_fn: Callable, algorithm: str = "
     init, step = _check_algorithm(algorithm)
     if graph is None:
         graph = graph_for(model, jtu.tree_map(lambda a: a[0], xs), state)
-    traces = init(graph, model, state)
+    traces = init(graph, model, state, **options)
     zeros = jtu.tree_map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
 
     def body(carry, xt):

@@ -22,8 +22,10 @@ class StepLinearisation(eqx.Module):
     - `delta`: per hidden group, `∂L_t/∂h_t` stacked on a trailing state axis (`varshape + (S,)`).
     - `operands`, `outputs`: per ETP equation index, its operands and output.
     - `d_total`: per group, the blocks `∂h_t/∂h_{t-1}` (`varshape + (S, S)`, `[..., s, c]`).
-    - `d_local`: the same with the other new hidden values of the step held fixed (equal to
-      `d_total` unless the graph is `chained`); `δ · d_local` is the learning signal at `h_{t-1}`.
+    - `signal`: per group, the learning signal carried one step back through the group's own
+      dynamics, `λ[..., c] = Σ_s δ[..., s] ∂h_t[..., s]/∂h_{t-1}[..., c]`, where the Jacobian holds
+      the step's other new hidden values fixed (their paths are already in `δ`): so the gradient's
+      history term is `λ · ∂h_{t-1}/∂W`.
     - `d_f`: per relation equation index and group index, `∂h_t/∂y` (`varshape + (S,)`).
     """
 
@@ -35,7 +37,7 @@ class StepLinearisation(eqx.Module):
     operands: dict
     outputs: dict
     d_total: tuple
-    d_local: tuple
+    signal: tuple
     d_f: dict
 
 
@@ -144,7 +146,15 @@ def linearise_step(graph: ETraceGraph, params, x, state, target, loss_fn: Callab
             t[e] = jnp.ones_like(outputs[e])
             out = jvp_y(t)
             d_f[e] = {g.index: jnp.stack([out[k] for k in c], axis=-1) for g, c in zip(graph.hidden_groups, cols)}
-    return StepLinearisation(y, new_state, loss, grads, delta, operands, outputs, d_total, d_local, d_f)
+    signal = tuple(jnp.einsum("...s,...sc->...c", dl, d) for dl, d in zip(delta, d_local))
+    return StepLinearisation(y, new_state, loss, grads, delta, operands, outputs, d_total, signal, d_f)
+
+
+def apply_blocks(d: jax.Array, trace: jax.Array) -> jax.Array:
+    """`Σ_c d[n, s, c] trace[..., n, c]`: per-position blocks acting on a trace whose trailing axes
+    are `varshape + (S,)` (leading axes, e.g. a weight's input axis, are broadcast)."""
+    d = jnp.broadcast_to(d, trace.shape[:-1] + d.shape[-2:])
+    return jnp.einsum("...sc,...c->...s", d, trace)
 
 
 def unflatten_grads(params, flat_grads: list):

@@ -1,0 +1,111 @@
+r"""ES-D-RTRL (pp_prop): D-RTRL's trace factorised into an input trace and an output trace.
+
+Per ETP operation with input $x$, an input trace $\bar x_t = \alpha \bar x_{t-1} + x_t$; per
+operation and hidden group, an output trace $\bar f_t = D_t \bar f_{t-1} + D_{f,t}$ (`varshape + (S,)`).
+The weight's sensitivity $\partial h_{t-1}/\partial W$ is estimated by $\bar x_{t-1} \otimes \bar f_{t-1}$,
+so the gradient is $\nabla W \mathrel{+}= \partial L_t/\partial W|_{h_{t-1}} +
+\mathrm{VJP}_W\big(\mathrm{op}(\bar x_{t-1}, W),\ \textstyle\sum_c \bar f_{t-1}[\dots, c]\,
+\lambda_t[\dots, c]\big)$. Memory per operation: the input's size plus $N \cdot S$ per group.
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._compiler import ETraceGraph
+from .._compiler._run import flatten_weights
+from .._ops import etp_op_of
+from ._one_step import apply_blocks, linearise_step, unflatten_grads
+
+
+class ESDRTRLTraces(eqx.Module):
+    """The state that ES-D-RTRL carries from step to step.
+
+    **Fields:**
+
+    - `state`: the model's hidden state pytree.
+    - `x_bar`: one input trace per traced ETP operation that has an input (shape of that input).
+    - `f_bar`: one output trace per (traced operation, hidden group), `varshape + (S,)`.
+    - `decay`: the input traces' decay $\\alpha$ (static).
+    """
+
+    state: object
+    x_bar: tuple
+    f_bar: tuple
+    decay: float = eqx.field(static=True)
+
+
+def _traced_eqns(graph: ETraceGraph) -> list[tuple[int, tuple[int, ...]]]:
+    """The ETP equations in some relation, each with the indices of the groups it reaches."""
+    groups: dict[int, tuple[int, ...]] = {}
+    for rel in graph.hidden_param_op_relations:
+        groups[rel.eqn_index] = tuple(g.index for g in rel.hidden_groups)
+    return sorted(groups.items())
+
+
+def _has_input(graph: ETraceGraph, e: int) -> bool:
+    return etp_op_of(graph.module_info.closed_jaxpr.jaxpr.eqns[e].primitive).has_input
+
+
+def es_d_rtrl_init(graph: ETraceGraph, params, state, decay: float = 0.9) -> ESDRTRLTraces:
+    """Zero ES-D-RTRL traces, carrying the hidden `state`.
+
+    **Arguments:**
+
+    - `graph`, `params`, `state`: as for [`eqtrace.d_rtrl_init`][].
+    - `decay`: $\\alpha \\in [0, 1]$, how much of the past input the input trace keeps.
+
+    **Returns:**
+
+    An [`eqtrace.ESDRTRLTraces`][].
+    """
+    if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
+        raise ValueError(f"`decay` must be a number in [0, 1], got {decay!r}.")
+    flatten_weights(graph, params)
+    eqns = graph.module_info.closed_jaxpr.jaxpr.eqns
+    x_bar, f_bar = [], []
+    for e, group_ids in _traced_eqns(graph):
+        if _has_input(graph, e):
+            aval = eqns[e].invars[0].aval
+            x_bar.append(jnp.zeros(aval.shape, aval.dtype))
+        for g in group_ids:
+            group = graph.hidden_groups[g]
+            f_bar.append(jnp.zeros(group.varshape + (group.num_state,), group.dtype))
+    return ESDRTRLTraces(state=state, x_bar=tuple(x_bar), f_bar=tuple(f_bar), decay=float(decay))
+
+
+def es_d_rtrl_step(graph: ETraceGraph, params, traces: ESDRTRLTraces, x, target, loss_fn: Callable):
+    """Advance ES-D-RTRL by one step. Same contract as [`eqtrace.d_rtrl_step`][].
+
+    **Returns:**
+
+    `(traces, y, loss, grads)`.
+    """
+    lin = linearise_step(graph, params, x, traces.state, target, loss_fn)
+    eqns = graph.module_info.closed_jaxpr.jaxpr.eqns
+    index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
+    grads = list(lin.grads)
+    x_iter, f_iter = iter(traces.x_bar), iter(traces.f_bar)
+    new_x, new_f = [], []
+    for e, group_ids in _traced_eqns(graph):
+        op = etp_op_of(eqns[e].primitive)
+        operands = list(lin.operands[e])
+        if op.has_input:
+            x_bar = next(x_iter)
+            new_x.append(traces.decay * x_bar + operands[0])
+            operands[0] = x_bar
+        f_bars = [next(f_iter) for _ in group_ids]
+        # The history term's cotangent at the operation's output: Σ_g Σ_c f̄ λ.
+        cot = sum(jnp.sum(f * lin.signal[g], axis=-1) for f, g in zip(f_bars, group_ids))
+        _, vjp = jax.vjp(lambda *ops: op.impl(*ops, **eqns[e].params), *operands)
+        history = vjp(cot)
+        for rel in graph.hidden_param_op_relations:
+            if rel.eqn_index == e:
+                w = index[rel.weight_path]
+                grads[w] = grads[w] + history[rel.operand_index]
+        for f, g in zip(f_bars, group_ids):
+            new_f.append(apply_blocks(lin.d_total[g], f) + lin.d_f[e][g])
+    new = ESDRTRLTraces(state=lin.new_state, x_bar=tuple(new_x), f_bar=tuple(new_f), decay=traces.decay)
+    return new, lin.y, lin.loss, unflatten_grads(params, grads)
