@@ -32,7 +32,6 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import eqtrace
 import eqtrace.nn as enn
@@ -205,8 +204,8 @@ def table(results):
         lines.append(
             f"| {r['cell']} | {r['n']} | {r['batch']} | {r['T']} | {fmt_time(d['time_s'])} | "
             f"{fmt_time(b['time_s'])} | {fmt_time(f['time_s'])} | {ratio(d['time_s'], b['time_s'])} | "
-            f"{ratio(d['time_s'], f['time_s'])} | {fmt_bytes(d['temp_bytes'])} | {fmt_bytes(b['temp_bytes'])} | "
-            f"{fmt_bytes(f['temp_bytes'])} | {c} |"
+            f"{ratio(d['time_s'], f['time_s'])} | {fmt_bytes(d['temp_bytes'])} | "
+            f"{fmt_bytes(b['temp_bytes'])} | {fmt_bytes(f['temp_bytes'])} | {c} |"
         )
     return "\n".join(lines)
 
@@ -250,52 +249,82 @@ def run_braintrace(args, eq_results):
             warnings.simplefilter("ignore")
             learner = braintrace.compile(net, braintrace.D_RTRL, xs[0], batch_size=batch)
 
-        def step_loss(x, y):
-            return jnp.mean((learner(x) - y) ** 2)
+        def make_grad(learner):
+            def step_loss(x, y):
+                return jnp.mean((learner(x) - y) ** 2)
 
-        @brainstate.transform.jit
-        def grad(xs, targets):
-            return learner.etrace_grad(xs, targets, step_fn=step_loss, return_value=True)
+            @brainstate.transform.jit
+            def _grad(seq_x, seq_y):
+                return learner.etrace_grad(seq_x, seq_y, step_fn=step_loss, return_value=True)
 
+            return _grad
+
+        grad = make_grad(learner)
         t0 = time.perf_counter()
         jax.block_until_ready(grad(xs, targets))
         first = time.perf_counter() - t0
-        bt, nrep = time_calls(lambda: grad(xs, targets), **reps)
+        bt, nrep = time_calls(lambda g=grad, a=xs, b=targets: g(a, b), **reps)
         key = (cell, n, batch, T)
         if key not in eq_time or eq_time[key] is None:
             model, states, exs, etg = make_problem(cell, n, batch, T)
             params, fns = make_fns(model)
-            eq_time[key] = measure(fns["d_rtrl"], (params, states, exs, etg), run=True, reps=reps)["time_s"]
-        rec = {"cell": cell, "n": n, "batch": batch, "T": T, "braintrace_s": bt, "braintrace_first_call_s": first,
-               "eqtrace_s": eq_time[key], "reps": nrep}
-        print(f"braintrace {cell} n={n} B={batch} T={T}: braintrace {fmt_time(bt)} (first call {first:.1f}s), "
-              f"eqtrace {fmt_time(eq_time[key])}, eqtrace/braintrace {ratio(eq_time[key], bt)}", flush=True)
+            rec = measure(fns["d_rtrl"], (params, states, exs, etg), run=True, reps=reps)
+            eq_time[key] = rec["time_s"]
+        rec = {
+            "cell": cell,
+            "n": n,
+            "batch": batch,
+            "T": T,
+            "braintrace_s": bt,
+            "braintrace_first_call_s": first,
+            "eqtrace_s": eq_time[key],
+            "reps": nrep,
+        }
+        print(
+            f"braintrace {cell} n={n} B={batch} T={T}: braintrace {fmt_time(bt)} (first call {first:.1f}s), "
+            f"eqtrace {fmt_time(eq_time[key])}, eqtrace/braintrace {ratio(eq_time[key], bt)}",
+            flush=True,
+        )
         out.append(rec)
     return out
 
 
 def bt_table(rows):
-    lines = ["| cell | n | B | T | eqtrace D-RTRL | braintrace D_RTRL | eqtrace/braintrace |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| cell | n | B | T | eqtrace D-RTRL | braintrace D_RTRL | eqtrace/braintrace |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['cell']} | {r['n']} | {r['batch']} | {r['T']} | {fmt_time(r['eqtrace_s'])} | "
-                     f"{fmt_time(r['braintrace_s'])} | {ratio(r['eqtrace_s'], r['braintrace_s'])} |")
+        lines.append(
+            f"| {r['cell']} | {r['n']} | {r['batch']} | {r['T']} | {fmt_time(r['eqtrace_s'])} | "
+            f"{fmt_time(r['braintrace_s'])} | {ratio(r['eqtrace_s'], r['braintrace_s'])} |"
+        )
     return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="n=64, B in {1,32}, T=100 timed, T=1000 memory only")
+    p.add_argument("--quick", action="store_true", help="n=64, B in {1,32}; T=100 timed, T=1000 memory only")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--min-reps", type=int, default=3, help="timed calls at least (after one warm-up)")
+    p.add_argument("--min-reps", type=int, default=5, help="timed calls at least (after one warm-up)")
     p.add_argument("--max-reps", type=int, default=10, help="timed calls at most")
-    p.add_argument("--min-time", type=float, default=1.0, help="keep timing (up to --max-reps) until this many s")
+    p.add_argument(
+        "--min-time", type=float, default=2.0, help="keep timing (up to --max-reps) for this many s"
+    )
     p.add_argument("--no-braintrace", action="store_true", help="skip the braintrace comparison")
     p.add_argument("--braintrace-only", action="store_true", help="only the braintrace comparison")
     args = p.parse_args()
 
-    meta = {"jax": jax.__version__, "eqx": eqx.__version__, "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()], "python": sys.version.split()[0],
-            "machine": platform.machine(), "cpus": __import__("os").cpu_count(), "quick": args.quick}
+    meta = {
+        "jax": jax.__version__,
+        "eqx": eqx.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "cpus": __import__("os").cpu_count(),
+        "quick": args.quick,
+    }
     print(json.dumps(meta), flush=True)
     t0 = time.perf_counter()
     results = [] if args.braintrace_only else run_eqtrace(args)

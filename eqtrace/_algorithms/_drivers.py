@@ -73,15 +73,31 @@ def online_grad(
     `(grads, losses)`: gradients in the structure of `eqx.filter(model, eqx.is_inexact_array)`,
     and the per-step losses, shape `(T,)`.
     """
+    return _online_grad(model, state, xs, targets, loss_fn, algorithm, graph, options, batched=False)
+
+
+def _online_grad(model, state, xs, targets, loss_fn, algorithm, graph, options, *, batched: bool):
+    """`online_grad`; with `batched`, `state` has a leading batch axis and `xs`, `targets` are
+    `(time, batch, ...)`: each step runs on the whole batch and its gradients are averaged at once,
+    so the carry holds one gradient accumulator, not one per example."""
     init, step = _check_algorithm(algorithm)
+    at = (lambda a: a[0, 0]) if batched else (lambda a: a[0])
     if graph is None:
-        graph = graph_for(model, jtu.tree_map(lambda a: a[0], xs), state)
-    traces = init(graph, model, state, **options)
+        graph = graph_for(model, jtu.tree_map(at, xs), jtu.tree_map(lambda a: a[0], state) if batched else state)
+    if batched:
+        traces = jax.vmap(lambda s: init(graph, model, s, **options))(state)
+        step_b = jax.vmap(lambda tr, x, t: step(graph, model, tr, x, t, loss_fn))
+    else:
+        traces = init(graph, model, state, **options)
     zeros = jtu.tree_map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
 
     def body(carry, xt):
         traces, acc = carry
-        traces, _, loss, g = step(graph, model, traces, xt[0], xt[1], loss_fn)
+        if batched:
+            traces, _, loss, g = step_b(traces, xt[0], xt[1])
+            g, loss = jtu.tree_map(lambda a: jnp.mean(a, axis=0), (g, loss))
+        else:
+            traces, _, loss, g = step(graph, model, traces, xt[0], xt[1], loss_fn)
         return (traces, jtu.tree_map(jnp.add, acc, g)), loss
 
     (_, grads), losses = jax.lax.scan(body, (traces, zeros), (xs, targets))
@@ -89,7 +105,10 @@ def online_grad(
 
 
 def batch_grad(grad_fn: Callable, model, states, xs, targets, loss_fn: Callable, **kwargs):
-    """Average `grad_fn` (`online_grad` or `bptt_grad`) over a batch, with `jax.vmap`.
+    """Average `grad_fn` (`online_grad` or `bptt_grad`) over a batch.
+
+    For `online_grad`, each time step runs on the whole batch and averages its gradient at once
+    (one accumulator, not one per example); other functions are `jax.vmap`-ed.
 
     **Arguments:**
 
@@ -101,5 +120,10 @@ def batch_grad(grad_fn: Callable, model, states, xs, targets, loss_fn: Callable,
 
     `(grads, losses)`: the batch-mean gradient and per-step losses (shape `(T,)`).
     """
+    if grad_fn is online_grad:
+        algorithm = kwargs.pop("algorithm", "d_rtrl")
+        graph = kwargs.pop("graph", None)
+        time_major = jtu.tree_map(lambda a: jnp.swapaxes(a, 0, 1), (xs, targets))
+        return _online_grad(model, states, *time_major, loss_fn, algorithm, graph, kwargs, batched=True)
     grads, losses = jax.vmap(lambda s, x, t: grad_fn(model, s, x, t, loss_fn, **kwargs))(states, xs, targets)
     return jtu.tree_map(lambda g: jnp.mean(g, axis=0), grads), jnp.mean(losses, axis=0)
