@@ -163,6 +163,21 @@ class ConvLeaky(eqx.Module):
         return jnp.zeros((3, 5))
 
 
+class SpikingNet(eqx.Module):
+    """A recurrent spiking layer read out by a leaky readout with its own state."""
+
+    layer: enn.RecurrentSpikingLayer
+    readout: enn.LeakyRateReadout
+
+    def __call__(self, x, state):
+        s = self.layer(3.0 * x, state[0])
+        r = self.readout(self.layer.spike(s), state[1])
+        return r.r, (s, r)
+
+    def init_state(self):
+        return self.layer.init_state(), self.readout.init_state()
+
+
 def _all_models():
     k = jax.random.split(jax.random.key(3), 12)
     cells = [enn.VanillaRNNCell, enn.GRUCell, enn.LSTMCell, enn.MGUCell, enn.MinimalRNNCell, enn.IndRNNCell]
@@ -178,6 +193,13 @@ def _all_models():
     }
     for i, cell in enumerate(cells):
         models[cell.__name__] = StackedCells((cell(3, 4, key=k[7 + i // 3]),), enn.Linear(4, 2, key=k[11]))
+    models["recurrent_alif"] = SpikingNet(
+        enn.RecurrentSpikingLayer(3, 5, neuron="alif", key=k[9]), enn.LeakyRateReadout(5, 2, key=k[10])
+    )
+    models["recurrent_lif_learnable_tau"] = SpikingNet(
+        enn.RecurrentSpikingLayer(3, 5, neuron=enn.LIF(5, learn_tau=True), key=k[8]),
+        enn.LeakyRateReadout(5, 2, key=k[11]),
+    )
     models["stacked_lstm_gru"] = StackedCells(
         (enn.LSTMCell(3, 4, key=k[8]), enn.GRUCell(4, 3, key=k[9])), enn.Linear(3, 2, key=k[10])
     )

@@ -1,5 +1,13 @@
 from ._conv import AbstractConv as AbstractConv, Conv1d as Conv1d, Conv2d as Conv2d
 from ._linear import Linear as Linear
+from ._neurons import (
+    AbstractNeuron as AbstractNeuron,
+    ALIF as ALIF,
+    ALIFState as ALIFState,
+    LIF as LIF,
+    LIFState as LIFState,
+)
+from ._readouts import LeakyRateReadout as LeakyRateReadout, LeakyRateReadoutState as LeakyRateReadoutState
 from ._rnn_cells import (
     AbstractRNNCell as AbstractRNNCell,
     GRUCell as GRUCell,
@@ -16,3 +24,14 @@ from ._rnn_cells import (
     VanillaRNNCell as VanillaRNNCell,
     VanillaRNNState as VanillaRNNState,
 )
+from ._spiking_layers import (
+    FeedForwardSpikingLayer as FeedForwardSpikingLayer,
+    RecurrentSpikingLayer as RecurrentSpikingLayer,
+)
+from ._surrogates import (
+    AbstractSurrogate as AbstractSurrogate,
+    ArctanSurrogate as ArctanSurrogate,
+    SigmoidSurrogate as SigmoidSurrogate,
+    TriangleSurrogate as TriangleSurrogate,
+)
+from ._synapses import ExpSynapse as ExpSynapse, ExpSynapseState as ExpSynapseState

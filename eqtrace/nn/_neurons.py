@@ -198,7 +198,9 @@ class LIF(_LIFBase):
         - `dtype`: floating dtype of `tau` and of the state; JAX's default if `None`.
         """
         surrogate = SigmoidSurrogate() if surrogate is None else surrogate
-        _init_common(self, "LIF", size, tau, v_th, v_reset, reset, learn_tau, detach_reset, dt, surrogate, dtype)
+        _init_common(
+            self, "LIF", size, tau, v_th, v_reset, reset, learn_tau, detach_reset, dt, surrogate, dtype
+        )
 
     def __call__(self, I: Float[Array, " size"], state: LIFState) -> LIFState:  # noqa: E741
         """**Arguments:**
@@ -282,7 +284,9 @@ class ALIF(_LIFBase):
           [`eqtrace.nn.LIF`][].
         """
         surrogate = SigmoidSurrogate() if surrogate is None else surrogate
-        _init_common(self, "ALIF", size, tau, v_th, v_reset, reset, learn_tau, detach_reset, dt, surrogate, dtype)
+        _init_common(
+            self, "ALIF", size, tau, v_th, v_reset, reset, learn_tau, detach_reset, dt, surrogate, dtype
+        )
         self.tau_a = _check_positive(tau_a, "tau_a", "ALIF")
         self.beta = _check_float(beta, "beta", "ALIF")
 
@@ -305,7 +309,9 @@ class ALIF(_LIFBase):
         """
         check_current("ALIF", I, self.size, self.dtype, "I")
         s = self.spike(state)
-        V = _reset(self._decay() * state.V, s, self.threshold(state), self.v_reset, self.reset, self.detach_reset)
+        V = _reset(
+            self._decay() * state.V, s, self.threshold(state), self.v_reset, self.reset, self.detach_reset
+        )
         a = math.exp(-self.dt / self.tau_a) * state.a + s
         return ALIFState(V=V + I, a=a)
 
