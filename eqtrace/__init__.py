@@ -16,7 +16,12 @@ from ._compiler import (
     ModuleInfo as ModuleInfo,
     show_graph as show_graph,
 )
-from ._front import CompiledAlgorithm as CompiledAlgorithm, D_RTRL as D_RTRL
+from ._front import (
+    CompiledAlgorithm as CompiledAlgorithm,
+    D_RTRL as D_RTRL,
+    ES_D_RTRL as ES_D_RTRL,
+    pp_prop as pp_prop,
+)
 from . import nn as nn
 from ._algorithms import (
     batch_grad as batch_grad,

@@ -1,7 +1,12 @@
-"""A braintrace-style front: an immutable algorithm object whose compile step returns the graph."""
+"""A braintrace-style front: an immutable algorithm object whose compile step returns a compiled
+algorithm, with the graph and the learning methods bound to it."""
+
+import abc
+from collections.abc import Callable
 
 import equinox as eqx
 
+from ._algorithms._drivers import ALGORITHMS, online_grad
 from ._compiler import compile_etrace_graph, ETraceGraph, run_step, show_graph
 
 
@@ -13,12 +18,14 @@ class CompiledAlgorithm(eqx.Module):
     - `model`: the model.
     - `graph`: its [`eqtrace.ETraceGraph`][] (static: passing this object through `eqx.filter_jit`
       does not retrace).
-    - `name`: the algorithm's name.
+    - `name`: the algorithm (`"d_rtrl"` or `"es_d_rtrl"`).
+    - `options`: the algorithm's options (e.g. `decay` for ES-D-RTRL), as a tuple of pairs.
     """
 
     model: eqx.Module
     graph: ETraceGraph = eqx.field(static=True)
     name: str = eqx.field(static=True)
+    options: tuple = eqx.field(static=True, default=())
 
     def show_graph(self) -> None:
         """Print the compiled graph (see [`eqtrace.show_graph`][])."""
@@ -29,9 +36,39 @@ class CompiledAlgorithm(eqx.Module):
         shapes the graph was compiled for."""
         return run_step(self.graph, self.model, x, state)
 
+    def init_traces(self, state):
+        """The algorithm's initial traces, carrying the hidden `state`."""
+        return ALGORITHMS[self.name][0](self.graph, self.model, state, **dict(self.options))
 
-class D_RTRL(eqx.Module):
-    """Diagonal RTRL, braintrace style: `D_RTRL(model).compile_graph(x)` compiles the graph.
+    def step(self, traces, x, target, loss_fn: Callable):
+        """One online step: `(traces, y, loss, grads)`, as [`eqtrace.d_rtrl_step`][]."""
+        return ALGORITHMS[self.name][1](self.graph, self.model, traces, x, target, loss_fn)
+
+    def online_grad(self, state, xs, targets, loss_fn: Callable):
+        """`(grads, losses)` over a sequence, as [`eqtrace.online_grad`][]."""
+        return online_grad(
+            self.model, state, xs, targets, loss_fn, self.name, graph=self.graph, **dict(self.options)
+        )
+
+
+class _Algorithm(eqx.Module):
+    model: eqx.AbstractVar[eqx.Module]
+
+    @abc.abstractmethod
+    def _name_and_options(self) -> tuple[str, tuple]:
+        """The algorithm's name in `eqtrace.online_grad` and its options."""
+
+    def compile_graph(self, x, state=None) -> CompiledAlgorithm:
+        """Compile the model's graph for inputs shaped like `x` (and `state`, default
+        `model.init_state()`), and return the compiled algorithm."""
+        name, options = self._name_and_options()
+        return CompiledAlgorithm(self.model, compile_etrace_graph(self.model, x, state), name, options)
+
+
+class D_RTRL(_Algorithm):
+    """Diagonal RTRL, braintrace style: `D_RTRL(model).compile_graph(x)` compiles the graph and
+    returns a [`eqtrace.CompiledAlgorithm`][] with `.graph`, `.show_graph()`, `.init_traces`,
+    `.step` and `.online_grad`.
 
     **Arguments:**
 
@@ -42,13 +79,30 @@ class D_RTRL(eqx.Module):
         ```python
         algo = eqtrace.D_RTRL(model).compile_graph(jnp.zeros(10))
         algo.show_graph()
+        grads, losses = algo.online_grad(model.init_state(), xs, targets, loss_fn)
         ```
     """
 
     model: eqx.Module
 
-    def compile_graph(self, x, state=None) -> CompiledAlgorithm:
-        """Compile the model's graph for inputs shaped like `x` (and `state`, default
-        `model.init_state()`), and return the compiled algorithm."""
-        graph = compile_etrace_graph(self.model, x, state)
-        return CompiledAlgorithm(self.model, graph, "d_rtrl")
+    def _name_and_options(self):
+        return "d_rtrl", ()
+
+
+class ES_D_RTRL(_Algorithm):
+    """ES-D-RTRL (pp_prop), braintrace style; see [`eqtrace.D_RTRL`][].
+
+    **Arguments:**
+
+    - `model`: a model with `model(x, state) -> (y, new_state)` and `model.init_state()`.
+    - `decay`: the input traces' decay $\\alpha \\in [0, 1]$.
+    """
+
+    model: eqx.Module
+    decay: float = eqx.field(static=True, default=0.9)
+
+    def _name_and_options(self):
+        return "es_d_rtrl", (("decay", self.decay),)
+
+
+pp_prop = ES_D_RTRL

@@ -117,3 +117,21 @@ def test_trace_rule_agrees_with_the_jacobian_of_the_op(make):
     # Position-diagonal: the weight's trailing axis is the output position.
     off = jac * (1 - jnp.eye(4, dtype=jac.dtype)).reshape((4,) + (1,) * (jac.ndim - 2) + (4,))
     assert jnp.all(off == 0)
+
+
+@pytest.mark.parametrize("front, kwargs", [(eqtrace.D_RTRL, {}), (eqtrace.pp_prop, {"decay": 0.3})])
+def test_braintrace_style_front_learns_like_the_functions(front, kwargs):
+    model = TwoLayerGRU(3, 4, 2, key=jax.random.key(14))
+    xs, ts = _data(5, jax.random.key(15))
+    algo = front(model, **kwargs).compile_graph(xs[0])
+    name = "d_rtrl" if front is eqtrace.D_RTRL else "es_d_rtrl"
+    grads, losses = algo.online_grad(model.init_state(), xs, ts, mse)
+    ref, ref_losses = eqtrace.online_grad(model, model.init_state(), xs, ts, mse, algorithm=name, **kwargs)
+    assert_tree_allclose(grads, ref)
+    assert_tree_allclose(losses, ref_losses)
+    traces = algo.init_traces(model.init_state())
+    total = None
+    for x, t in zip(xs, ts):
+        traces, _, _, g = algo.step(traces, x, t, mse)
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    assert_tree_allclose(total, ref)
