@@ -41,7 +41,9 @@ def models(n_in: int, n: int, key):
     ks = jax.random.split(key, 8)
     out = lambda k: enn.Linear(n, 1, dtype=jnp.float64, key=k)  # noqa: E731
     made = {
-        "IndRNN (element-wise recurrence)": Stack((enn.IndRNNCell(n_in, n, activation=jnp.tanh, dtype=jnp.float64, key=ks[0]),), out(ks[1])),
+        "IndRNN (element-wise recurrence)": Stack(
+            (enn.IndRNNCell(n_in, n, activation=jnp.tanh, dtype=jnp.float64, key=ks[0]),), out(ks[1])
+        ),
         "vanilla RNN": Stack((enn.VanillaRNNCell(n_in, n, dtype=jnp.float64, key=ks[2]),), out(ks[3])),
         "GRU": Stack((enn.GRUCell(n_in, n, dtype=jnp.float64, key=ks[4]),), out(ks[5])),
         "LSTM": Stack((enn.LSTMCell(n_in, n, dtype=jnp.float64, key=ks[6]),), out(ks[7])),

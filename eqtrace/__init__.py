@@ -1,10 +1,14 @@
-from ._ops import (
-    conv as conv,
-    element_wise as element_wise,
-    etp_conv_p as etp_conv_p,
-    etp_element_wise_p as etp_element_wise_p,
-    etp_matmul_p as etp_matmul_p,
-    matmul as matmul,
+from . import nn as nn
+from ._algorithms import (
+    batch_grad as batch_grad,
+    bptt_grad as bptt_grad,
+    d_rtrl_init as d_rtrl_init,
+    d_rtrl_step as d_rtrl_step,
+    DRTRLTraces as DRTRLTraces,
+    es_d_rtrl_init as es_d_rtrl_init,
+    es_d_rtrl_step as es_d_rtrl_step,
+    ESDRTRLTraces as ESDRTRLTraces,
+    online_grad as online_grad,
 )
 from ._compiler import (
     compile_etrace_graph as compile_etrace_graph,
@@ -22,15 +26,11 @@ from ._front import (
     ES_D_RTRL as ES_D_RTRL,
     pp_prop as pp_prop,
 )
-from . import nn as nn
-from ._algorithms import (
-    batch_grad as batch_grad,
-    bptt_grad as bptt_grad,
-    d_rtrl_init as d_rtrl_init,
-    d_rtrl_step as d_rtrl_step,
-    DRTRLTraces as DRTRLTraces,
-    es_d_rtrl_init as es_d_rtrl_init,
-    es_d_rtrl_step as es_d_rtrl_step,
-    ESDRTRLTraces as ESDRTRLTraces,
-    online_grad as online_grad,
+from ._ops import (
+    conv as conv,
+    element_wise as element_wise,
+    etp_conv_p as etp_conv_p,
+    etp_element_wise_p as etp_element_wise_p,
+    etp_matmul_p as etp_matmul_p,
+    matmul as matmul,
 )

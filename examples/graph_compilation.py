@@ -161,9 +161,7 @@ def main(small: bool = False) -> None:
     # --- compile_etrace_graph directly ----------------------------------------------------
     print("\n## Using compile_etrace_graph directly\n")
     model_direct = SingleLayerRNN(n_in, n_rec, n_out, key=key4)
-    graph_direct = eqtrace.compile_etrace_graph(
-        model_direct, jnp.zeros(n_in), model_direct.init_state()
-    )
+    graph_direct = eqtrace.compile_etrace_graph(model_direct, jnp.zeros(n_in), model_direct.init_state())
 
     print(f"Number of hidden groups: {len(graph_direct.hidden_groups)}")
     print(f"Number of relations: {len(graph_direct.hidden_param_op_relations)}")

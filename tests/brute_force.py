@@ -17,7 +17,17 @@ from eqtrace._ops import etp_op_of
 
 
 def _run(
-    graph, weights, xs, hidden, *, cut=False, detach=False, add=None, weight_override=None, y_add=None, record=None
+    graph,
+    weights,
+    xs,
+    hidden,
+    *,
+    cut=False,
+    detach=False,
+    add=None,
+    weight_override=None,
+    y_add=None,
+    record=None,
 ):
     """Evaluate the step; returns (outputs, raw new values of the perturbation points).
 
@@ -136,7 +146,9 @@ def d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory):
     `memory[r]` is the approximate `∂h_{t-1}/∂W` of relation `r` as a full (hidden × weight) matrix.
     Returns `(new_memory, grads, new_state)`; `grads` as a flat list over the weight leaves.
     """
-    weights, xs, hidden, offsets, j_total, j_local, delta, grads = _step_parts(graph, model, state, x, target, loss_fn)
+    weights, xs, hidden, offsets, j_total, j_local, delta, grads = _step_parts(
+        graph, model, state, x, target, loss_fn
+    )
     index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
     new_memory = {}
     for r, rel in enumerate(graph.hidden_param_op_relations):
@@ -189,7 +201,9 @@ def es_d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory, de
     `memory["x"][e]` is the input trace of ETP equation `e`; `memory["f"][e]` its output trace as a
     full (hidden × output) matrix. Returns `(new_memory, grads, new_state)`.
     """
-    weights, xs, hidden, offsets, j_total, j_local, delta, grads = _step_parts(graph, model, state, x, target, loss_fn)
+    weights, xs, hidden, offsets, j_total, j_local, delta, grads = _step_parts(
+        graph, model, state, x, target, loss_fn
+    )
     index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
     record = {}
     _run(graph, weights, xs, hidden, record=record)

@@ -62,7 +62,7 @@ def test_graph_compilation_two_gru(graph_compilation_output):
     assert "('rnn1', 'Wr', 'weight'): via_other_etp_op" in two
     assert "('out', 'weight'): non_temporal" in two
     assert "flowchart LR" in two
-    assert 'g1(["group 1<br/>(\'rnn2\', \'h\')"])' in two
+    assert "g1([\"group 1<br/>('rnn2', 'h')\"])" in two
 
 
 def test_graph_compilation_conv(graph_compilation_output):

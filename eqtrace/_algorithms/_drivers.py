@@ -83,7 +83,9 @@ def _online_grad(model, state, xs, targets, loss_fn, algorithm, graph, options, 
     init, step = _check_algorithm(algorithm)
     at = (lambda a: a[0, 0]) if batched else (lambda a: a[0])
     if graph is None:
-        graph = graph_for(model, jtu.tree_map(at, xs), jtu.tree_map(lambda a: a[0], state) if batched else state)
+        graph = graph_for(
+            model, jtu.tree_map(at, xs), jtu.tree_map(lambda a: a[0], state) if batched else state
+        )
     if batched:
         traces = jax.vmap(lambda s: init(graph, model, s, **options))(state)
         step_b = jax.vmap(lambda tr, x, t: step(graph, model, tr, x, t, loss_fn))

@@ -94,7 +94,10 @@ def linearise_step(graph: ETraceGraph, params, x, state, target, loss_fn: Callab
         record: dict = {}
         at = {v: (lambda p: lambda val: val + p)(p) for v, p in zip(pvars, ps)}
         outs = evaluate(
-            closed, [*merge(dw), *xs, *hidden], at_vars=at, on_etp=lambda i, a, o: record.__setitem__(i, (a, o))
+            closed,
+            [*merge(dw), *xs, *hidden],
+            at_vars=at,
+            on_etp=lambda i, a, o: record.__setitem__(i, (a, o)),
         )
         y, new_state = unflatten_step_outputs(graph, outs)
         loss = loss_fn(y, target)
@@ -123,7 +126,10 @@ def linearise_step(graph: ETraceGraph, params, x, state, target, loss_fn: Callab
         raw: dict = {}
         at = {}
         if detach:
-            at = {v: (lambda v: lambda val: (raw.__setitem__(v, val), jax.lax.stop_gradient(val))[1])(v) for v in pvars}
+            at = {
+                v: (lambda v: lambda val: (raw.__setitem__(v, val), jax.lax.stop_gradient(val))[1])(v)
+                for v in pvars
+            }
         outs = evaluate(closed, [*weights, *xs, *h], etp_outputs=ys, at_vars=at)
         new = outs[info.num_outputs :]
         return [raw[v] for v in pvars] if detach else [new[i] for i in traced]
@@ -140,12 +146,16 @@ def linearise_step(graph: ETraceGraph, params, x, state, target, loss_fn: Callab
     d_f: dict = {}
     rel_eqns = sorted({r.eqn_index for r in graph.hidden_param_op_relations})
     if rel_eqns:
-        _, jvp_y = jax.linearize(lambda ys: transition(h0, {**outputs, **ys}, False), {e: outputs[e] for e in rel_eqns})
+        _, jvp_y = jax.linearize(
+            lambda ys: transition(h0, {**outputs, **ys}, False), {e: outputs[e] for e in rel_eqns}
+        )
         for e in rel_eqns:
             t = {k: jnp.zeros_like(outputs[k]) for k in rel_eqns}
             t[e] = jnp.ones_like(outputs[e])
             out = jvp_y(t)
-            d_f[e] = {g.index: jnp.stack([out[k] for k in c], axis=-1) for g, c in zip(graph.hidden_groups, cols)}
+            d_f[e] = {
+                g.index: jnp.stack([out[k] for k in c], axis=-1) for g, c in zip(graph.hidden_groups, cols)
+            }
     signal = tuple(jnp.einsum("...s,...sc->...c", dl, d) for dl, d in zip(delta, d_local))
     return StepLinearisation(y, new_state, loss, grads, delta, operands, outputs, d_total, signal, d_f)
 

@@ -247,7 +247,9 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
     num_outputs = len(jaxpr.outvars) - n_h
     hidden_out = jaxpr.outvars[num_outputs:]
     hidden_avals = tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in hidden_in)
-    input_avals = tuple(jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jaxpr.invars[n_w : n_w + n_x])
+    input_avals = tuple(
+        jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jaxpr.invars[n_w : n_w + n_x]
+    )
 
     if not any(etp_op_of(e.primitive) is not None for e in jaxpr.eqns):
         raise ValueError(
@@ -296,7 +298,9 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
         shapes = {hidden_avals[i].shape for i in ms}
         dtypes = {hidden_avals[i].dtype for i in ms}
         if len(shapes) > 1 or len(dtypes) > 1:
-            got = ", ".join(f"{hidden_paths[i]}: {hidden_avals[i].dtype}{list(hidden_avals[i].shape)}" for i in ms)
+            got = ", ".join(
+                f"{hidden_paths[i]}: {hidden_avals[i].dtype}{list(hidden_avals[i].shape)}" for i in ms
+            )
             raise ValueError(
                 f"These hidden states evolve together within one step but differ in shape or dtype: "
                 f"{got}. States of one group need one shape, so that each position has an S×S "
@@ -345,8 +349,11 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
             used.add(w)
             if mixed:
                 notes.setdefault(w, []).append(
-                    ("not_element_wise", f"{op.name} output reaches {', '.join(map(str, mixed))} through "
-                     "an operation that mixes positions")
+                    (
+                        "not_element_wise",
+                        f"{op.name} output reaches {', '.join(map(str, mixed))} through "
+                        "an operation that mixes positions",
+                    )
                 )
             elif ew:
                 relations.append(
@@ -362,8 +369,11 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
                 )
             elif via_etp:
                 notes.setdefault(w, []).append(
-                    ("via_other_etp_op", f"{op.name} output reaches {', '.join(map(str, via_etp))} only "
-                     "through another ETP operation")
+                    (
+                        "via_other_etp_op",
+                        f"{op.name} output reaches {', '.join(map(str, via_etp))} only "
+                        "through another ETP operation",
+                    )
                 )
             else:
                 notes.setdefault(w, []).append(("non_temporal", f"{op.name} output reaches no hidden state"))

@@ -5,7 +5,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 from .._jax_internals import (
     bind_equation,
-    ClosedJaxpr, closed_call_body, CONTROL_FLOW, custom_call_body,
+    closed_call_body,
+    ClosedJaxpr,
+    CONTROL_FLOW,
+    custom_call_body,
     Literal,
     Var,
 )

@@ -22,7 +22,11 @@ def _check_leaves(name: str, tree, paths, avals) -> list:
             raise ValueError(
                 f"`{name}` leaf {path} has {leaf.dtype}{list(leaf.shape)}, but the graph was compiled for "
                 f"{aval.dtype}{list(aval.shape)}."
-                + (" Batch with `jax.vmap` rather than adding a batch axis." if leaf.ndim > len(aval.shape) else "")
+                + (
+                    " Batch with `jax.vmap` rather than adding a batch axis."
+                    if leaf.ndim > len(aval.shape)
+                    else ""
+                )
             )
     return leaves
 

@@ -21,7 +21,9 @@ def format_graph(graph: ETraceGraph) -> str:
     ]
     for g in graph.hidden_groups:
         kind = "position-wise" if g.position_wise else "mixes positions (dense Jacobian diagonal)"
-        lines.append(f"  [{g.index}] {_plural(g.num_state, 'state')} of shape {g.varshape}, {g.dtype}; {kind}")
+        lines.append(
+            f"  [{g.index}] {_plural(g.num_state, 'state')} of shape {g.varshape}, {g.dtype}; {kind}"
+        )
         for path in g.hidden_paths:
             lines.append(f"      {_p(path)}")
     if not graph.hidden_groups:

@@ -12,9 +12,7 @@ def _conv_impl(x, w, b=None, *, stride, padding, dilation):
     num_spatial = w.ndim - 2
     lead = x.shape[: x.ndim - num_spatial - 1]
     xb = x.reshape((-1,) + x.shape[len(lead) :])
-    y = lax.conv_general_dilated(
-        xb, w, window_strides=stride, padding=padding, rhs_dilation=dilation
-    )
+    y = lax.conv_general_dilated(xb, w, window_strides=stride, padding=padding, rhs_dilation=dilation)
     y = y.reshape(lead + y.shape[1:])
     if b is not None:
         y = y + jnp.broadcast_to(b.reshape(b.shape + (1,) * num_spatial), y.shape)
@@ -34,14 +32,14 @@ def _as_tuple(name: str, value, n: int) -> tuple[int, ...]:
 
 
 def conv(
-    x: Float[Array, "in_channels *spatial"],
+    x: Float[Array, " in_channels *spatial"],
     w: Float[Array, "out_channels in_channels *kernel"],
     b: Float[Array, " out_channels"] | None = None,
     *,
     stride: int | Sequence[int] = 1,
     padding: str | Sequence[tuple[int, int]] = "SAME",
     dilation: int | Sequence[int] = 1,
-) -> Float[Array, "out_channels *out_spatial"]:
+) -> Float[Array, " out_channels *out_spatial"]:
     """Tagged N-d convolution with `lax.conv_general_dilated` semantics (channels first, `OIHW` kernel).
 
     Unbatched like Equinox's `Conv` (`x` is `(in_channels, *spatial)`); batch with `jax.vmap`.

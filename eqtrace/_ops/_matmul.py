@@ -46,9 +46,7 @@ def matmul(
     if b is not None:
         check_operand("b", b, 1, "eqtrace.matmul")
         if b.shape != (w.shape[1],):
-            raise ValueError(
-                f"`eqtrace.matmul`: `b` must have shape {(w.shape[1],)}, got {tuple(b.shape)}."
-            )
+            raise ValueError(f"`eqtrace.matmul`: `b` must have shape {(w.shape[1],)}, got {tuple(b.shape)}.")
     check_same_dtype("eqtrace.matmul", x=x, w=w, b=b)
     operands = (x, w) if b is None else (x, w, b)
     return etp_matmul_p.bind(*operands)
