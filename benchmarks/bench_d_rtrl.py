@@ -25,7 +25,6 @@ times braintrace's `D_RTRL` (`braintrace.compile(...).etrace_grad`) on the same 
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 
 import eqtrace
 import eqtrace.nn as enn
+from _timing import fmt_bytes, fmt_time, measure, ratio, time_calls
 
 
 N_IN, N_OUT = 32, 10
@@ -64,9 +64,10 @@ def mse(y, target):
     return jnp.mean((y - target) ** 2)
 
 
-def make_problem(cell, n, batch, T, seed=0):
+def make_problem(cell, n, batch, T, seed=0, build=None):
+    """`(model, states, xs, targets)`; `build(cell, n, key)` makes the model (default: `Net`)."""
     kx, ky, km = jax.random.split(jax.random.key(seed), 3)
-    model = Net(cell, N_IN, n, N_OUT, key=km)
+    model = (build or (lambda c, n, key: Net(c, N_IN, n, N_OUT, key=key)))(cell, n, km)
     state = model.init_state()
     states = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), state)
     xs = jax.random.normal(kx, (batch, T, N_IN))
@@ -74,13 +75,17 @@ def make_problem(cell, n, batch, T, seed=0):
     return model, states, xs, targets
 
 
-def make_fns(model):
-    """The three jitted-to-be functions of `(params, states, xs, targets)`."""
+def make_fns(model, online=("d_rtrl",)):
+    """The jitted-to-be functions of `(params, states, xs, targets)`: one per online algorithm in
+    `online`, then `bptt` and `forward`."""
     params, static = eqx.partition(model, eqx.is_array)
 
-    def d_rtrl(params, states, xs, targets):
-        m = eqx.combine(params, static)
-        return eqtrace.batch_grad(eqtrace.online_grad, m, states, xs, targets, mse, algorithm="d_rtrl")
+    def online_fn(algorithm):
+        def fn(params, states, xs, targets):
+            m = eqx.combine(params, static)
+            return eqtrace.batch_grad(eqtrace.online_grad, m, states, xs, targets, mse, algorithm=algorithm)
+
+        return fn
 
     def bptt(params, states, xs, targets):
         m = eqx.combine(params, static)
@@ -98,40 +103,7 @@ def make_fns(model):
 
         return jnp.mean(jax.vmap(one)(states, xs, targets), axis=0)
 
-    return params, {"d_rtrl": d_rtrl, "bptt": bptt, "forward": forward}
-
-
-def time_calls(call, *, min_reps, max_reps, min_time):
-    """Median wall time of `call()` after one warm-up call: at least `min_reps` calls, more
-    (up to `max_reps`) while the total is under `min_time` seconds."""
-    jax.block_until_ready(call())  # warm-up
-    times = []
-    while len(times) < min_reps or (len(times) < max_reps and sum(times) < min_time):
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), len(times)
-
-
-def measure(fn, args, *, run, reps):
-    t0 = time.perf_counter()
-    lowered = jax.jit(fn).lower(*args)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    mem = compiled.memory_analysis()
-    rec = {
-        "lower_s": t1 - t0,
-        "compile_s": t2 - t1,
-        "temp_bytes": int(mem.temp_size_in_bytes) if mem is not None else None,
-        "argument_bytes": int(mem.argument_size_in_bytes) if mem is not None else None,
-        "output_bytes": int(mem.output_size_in_bytes) if mem is not None else None,
-        "time_s": None,
-        "reps": 0,
-    }
-    if run:
-        rec["time_s"], rec["reps"] = time_calls(lambda: compiled(*args), **reps)
-    return rec
+    return params, {**{a: online_fn(a) for a in online}, "bptt": bptt, "forward": forward}
 
 
 def grid(quick):
@@ -148,25 +120,6 @@ def grid(quick):
                     for T in (100, 1000):
                         out.append((cell, n, batch, T, True))
     return out
-
-
-def fmt_bytes(b):
-    if b is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if b < 1024 or unit == "GiB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1024
-
-
-def fmt_time(t):
-    if t is None:
-        return "-"
-    return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
-
-
-def ratio(a, b):
-    return f"{a / b:.2f}" if a is not None and b else "-"
 
 
 def run_eqtrace(args):
