@@ -135,3 +135,59 @@ def test_braintrace_style_front_learns_like_the_functions(front, kwargs):
         traces, _, _, g = algo.step(traces, x, t, mse)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     assert_tree_allclose(total, ref)
+
+
+def test_integer_state_and_weight_leaves_are_carried_untraced():
+    """An integer step counter in the state and an integer leaf in the model: both pass through,
+    are listed as untraced, and the float leaves still match BPTT where D-RTRL is exact."""
+
+    class Counting(eqx.Module):
+        w: jax.Array
+        mask: jax.Array  # integer leaf: not trainable
+
+        def __call__(self, x, state):
+            h, n = state
+            h = 0.7 * h + eqtrace.matmul(x, self.w) * self.mask.astype(h.dtype)
+            return h, (h, n + 1)
+
+        def init_state(self):
+            return jnp.zeros(4), jnp.zeros((), jnp.int32)
+
+    model = Counting(jax.random.normal(jax.random.key(16), (3, 4)), jnp.array([1, 0, 1, 1]))
+    graph = eqtrace.compile_etrace_graph(model, jnp.zeros(3), model.init_state())
+    assert graph.untraced_hidden_paths == ((1,),)
+    assert [g.hidden_paths for g in graph.hidden_groups] == [((0,),)]
+    xs, ts = _data(5, jax.random.key(17), n_out=4)
+    grads, _ = eqtrace.online_grad(model, model.init_state(), xs, ts, mse)
+    ref, _ = eqtrace.bptt_grad(model, model.init_state(), xs, ts, mse)
+    assert grads.mask is None and ref.mask is None
+    assert_tree_allclose(grads, ref)
+
+
+def test_bad_sequences_and_traces():
+    model = TwoLayerGRU(3, 4, 2, key=jax.random.key(18))
+    xs, ts = _data(5, jax.random.key(19))
+    with pytest.raises(ValueError, match=r"`xs` and `targets` must share their leading \(time\) axis"):
+        eqtrace.online_grad(model, model.init_state(), xs, ts[:4], mse)
+    graph = eqtrace.compile_etrace_graph(model, xs[0], model.init_state())
+    other = eqtrace.compile_etrace_graph(
+        SingleLayerRNN(3, 4, 2, key=jax.random.key(20)),
+        xs[0],
+        {"rnn": eqtrace.nn.VanillaRNNState(h=jnp.zeros(4))},
+    )
+    wrong = eqtrace.d_rtrl_init(
+        other,
+        SingleLayerRNN(3, 4, 2, key=jax.random.key(20)),
+        {"rnn": eqtrace.nn.VanillaRNNState(h=jnp.zeros(4))},
+    )
+    with pytest.raises(TypeError, match=r"`traces` must be the `DRTRLTraces`"):
+        eqtrace.d_rtrl_step(graph, model, wrong, xs[0], ts[0], mse)
+    # Traces of the other algorithm: a type error that names `traces` (raised by the annotation
+    # check under the test suite's runtime type checking, or by the step itself without it).
+    es = eqtrace.es_d_rtrl_init(graph, model, model.init_state())
+    with pytest.raises(TypeError, match=r"`traces` must be the `DRTRLTraces`|parameter 'traces'"):
+        eqtrace.d_rtrl_step(graph, model, es, xs[0], ts[0], mse)
+    with pytest.raises(TypeError, match=r"`traces` must be the `ESDRTRLTraces`|parameter 'traces'"):
+        eqtrace.es_d_rtrl_step(graph, model, wrong, xs[0], ts[0], mse)
+    with pytest.raises(ValueError, match=r"`params` does not have the structure"):
+        eqtrace.d_rtrl_init(graph, SingleLayerRNN(3, 4, 2, key=jax.random.key(20)), model.init_state())

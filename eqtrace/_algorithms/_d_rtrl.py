@@ -102,11 +102,18 @@ def d_rtrl_step(
     contribution to $\\nabla_\\theta \\sum_t L_t$ in the structure of
     `eqx.filter(params, eqx.is_inexact_array)`.
     """
+    pairs = traced_pairs(graph)
+    if not isinstance(traces, DRTRLTraces) or len(traces.eps) != len(pairs):
+        raise TypeError(
+            "`traces` must be the `DRTRLTraces` that `eqtrace.d_rtrl_init` made for this graph "
+            f"({len(pairs)} traces), got {type(traces).__name__}"
+            + (f" with {len(traces.eps)} traces." if isinstance(traces, DRTRLTraces) else ".")
+        )
     lin = linearise_step(graph, params, x, traces.state, target, loss_fn)
     index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
     grads = list(lin.grads)
     new_eps = []
-    for (r, g), eps in zip(traced_pairs(graph), traces.eps):
+    for (r, g), eps in zip(pairs, traces.eps):
         rel = graph.hidden_param_op_relations[r]
         w = index[rel.weight_path]
         signal = jnp.broadcast_to(lin.signal[g], eps.shape)

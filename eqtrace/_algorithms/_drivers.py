@@ -81,6 +81,14 @@ def _online_grad(model, state, xs, targets, loss_fn, algorithm, graph, options, 
     `(time, batch, ...)`: each step runs on the whole batch and its gradients are averaged at once,
     so the carry holds one gradient accumulator, not one per example."""
     init, step = _check_algorithm(algorithm)
+    lengths = {a.shape[0] for a in jtu.tree_leaves((xs, targets))}
+    if len(lengths) != 1:
+        got = jtu.tree_map(lambda a: a.shape, (xs, targets))
+        raise ValueError(
+            "`xs` and `targets` must share their leading (time) axis"
+            + (", and a batch axis before it" if batched else "")
+            + f"; got shapes {got}."
+        )
     at = (lambda a: a[0, 0]) if batched else (lambda a: a[0])
     if graph is None:
         graph = graph_for(

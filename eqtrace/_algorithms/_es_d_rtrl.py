@@ -83,13 +83,20 @@ def es_d_rtrl_step(graph: ETraceGraph, params, traces: ESDRTRLTraces, x, target,
 
     `(traces, y, loss, grads)`.
     """
+    eqns_groups = _traced_eqns(graph)
+    n_f = sum(len(g) for _, g in eqns_groups)
+    if not isinstance(traces, ESDRTRLTraces) or len(traces.f_bar) != n_f:
+        raise TypeError(
+            "`traces` must be the `ESDRTRLTraces` that `eqtrace.es_d_rtrl_init` made for this graph, "
+            f"got {type(traces).__name__}."
+        )
     lin = linearise_step(graph, params, x, traces.state, target, loss_fn)
     eqns = graph.module_info.closed_jaxpr.jaxpr.eqns
     index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
     grads = list(lin.grads)
     x_iter, f_iter = iter(traces.x_bar), iter(traces.f_bar)
     new_x, new_f = [], []
-    for e, group_ids in _traced_eqns(graph):
+    for e, group_ids in eqns_groups:
         op = etp_op_of(eqns[e].primitive)
         operands = list(lin.operands[e])
         if op.has_input:
