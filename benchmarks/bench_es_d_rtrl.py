@@ -1,0 +1,242 @@
+"""Benchmark ES-D-RTRL (pp_prop) next to D-RTRL, BPTT and a forward-only scan: time, compile
+time and XLA memory, for GRU / vanilla RNN cells and a recurrent LIF spiking network.
+
+Usage:
+
+    python benchmarks/bench_es_d_rtrl.py --quick               # n=64 only
+    python benchmarks/bench_es_d_rtrl.py --out results.json    # the full grid
+    PYTHONPATH=. /tmp/bt-venv/bin/python benchmarks/bench_es_d_rtrl.py --braintrace-only
+
+Models (input 32, output 10, MSE on every step): `gru` / `rnn` are `bench_d_rtrl.Net`
+(cell + Linear readout); `lif` is `RecurrentSpikingLayer(32, n, neuron="lif")` → spikes →
+`Linear(n, 10)`. Grid: n ∈ {64, 256}, B ∈ {1, 32}, T ∈ {100, 1000}. Per configuration, each under
+`jax.jit`: `es_d_rtrl` and `d_rtrl` (`eqtrace.batch_grad(eqtrace.online_grad, ...,
+algorithm=...)`, ES-D-RTRL with its default decay 0.9), `bptt` (`batch_grad(bptt_grad, ...)`) and
+`forward` (vmapped `lax.scan` of model + loss). Timing / memory as in `bench_d_rtrl.py` (shared
+helpers in `_timing.py`).
+
+With braintrace importable (see README), a second section times braintrace 0.2.6's
+`pp_prop` (= `ES_D_RTRL`, decay 0.9) on the GRU/RNN sizes at T=100.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import eqtrace.nn as enn
+from _timing import compile_s, fmt_bytes, fmt_time, measure, ratio, time_calls
+from bench_d_rtrl import make_fns, make_problem, N_IN, N_OUT, Net
+
+
+ALGOS = ("es_d_rtrl", "d_rtrl", "bptt", "forward")
+
+
+class LIFNet(eqx.Module):
+    """Recurrent LIF layer → spikes → Linear readout."""
+
+    layer: enn.RecurrentSpikingLayer
+    out: enn.Linear
+
+    def __init__(self, n_in, n, n_out, *, key):
+        k1, k2 = jax.random.split(key)
+        self.layer = enn.RecurrentSpikingLayer(n_in, n, neuron="lif", key=k1)
+        self.out = enn.Linear(n, n_out, key=k2)
+
+    def __call__(self, x, state):
+        s = self.layer(x, state["layer"])
+        return self.out(self.layer.spike(s)), {"layer": s}
+
+    def init_state(self):
+        return {"layer": self.layer.init_state()}
+
+
+def build(cell, n, key):
+    if cell == "lif":
+        return LIFNet(N_IN, n, N_OUT, key=key)
+    return Net(cell, N_IN, n, N_OUT, key=key)
+
+
+def grid(args):
+    cells = args.cells.split(",")
+    ns = (64,) if args.quick else (64, 256)
+    return [(c, n, b, T) for c in cells for n in ns for b in (1, 32) for T in (100, 1000)]
+
+
+def run_eqtrace(args):
+    reps = {"min_reps": args.min_reps, "max_reps": args.max_reps, "min_time": args.min_time}
+    results = []
+    for cell, n, batch, T in grid(args):
+        model, states, xs, targets = make_problem(cell, n, batch, T, build=build)
+        params, fns = make_fns(model, online=("es_d_rtrl", "d_rtrl"))
+        row = {"cell": cell, "n": n, "batch": batch, "T": T}
+        t0 = time.perf_counter()
+        for name in ALGOS:
+            row[name] = measure(fns[name], (params, states, xs, targets), run=True, reps=reps)
+        print(
+            f"[{time.perf_counter() - t0:6.1f}s] {cell} n={n} B={batch} T={T}: time "
+            + " ".join(f"{a} {fmt_time(row[a]['time_s'])}" for a in ALGOS)
+            + " | temp "
+            + " ".join(f"{a} {fmt_bytes(row[a]['temp_bytes'])}" for a in ALGOS),
+            flush=True,
+        )
+        results.append(row)
+    return results
+
+
+def table(results):
+    lines = [
+        "| cell | n | B | T | ES time | D-RTRL time | BPTT time | fwd time | ES/BPTT | ES/fwd | D-RTRL/BPTT "
+        "| ES temp | D-RTRL temp | BPTT temp | fwd temp | compile ES / D / BPTT / fwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        e, d, b, f = (r[a] for a in ALGOS)
+        c = " / ".join(f"{compile_s(m):.1f}s" for m in (e, d, b, f))
+        lines.append(
+            f"| {r['cell']} | {r['n']} | {r['batch']} | {r['T']} | "
+            + " | ".join(fmt_time(m["time_s"]) for m in (e, d, b, f))
+            + f" | {ratio(e['time_s'], b['time_s'])} | {ratio(e['time_s'], f['time_s'])} | "
+            f"{ratio(d['time_s'], b['time_s'])} | "
+            + " | ".join(fmt_bytes(m["temp_bytes"]) for m in (e, d, b, f))
+            + f" | {c} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional: braintrace's pp_prop (ES_D_RTRL) on the same GRU/RNN sizes.
+
+
+def run_braintrace(args, eq_results):
+    try:
+        import brainstate
+        import braintrace
+    except ImportError:
+        print("braintrace not importable: skipping the braintrace comparison.", flush=True)
+        return None
+
+    class BTNet(brainstate.nn.Module):
+        def __init__(self, cell, n_in, n, n_out):
+            super().__init__()
+            cls = {"gru": braintrace.nn.GRUCell, "rnn": braintrace.nn.ValinaRNNCell}[cell]
+            kw = {"activation": "tanh"} if cell == "rnn" else {}
+            self.rnn = cls(n_in, n, **kw)
+            self.out = braintrace.nn.Linear(n, n_out)
+
+        def update(self, x):
+            return self.out(self.rnn(x))
+
+    reps = {"min_reps": args.min_reps, "max_reps": args.max_reps, "min_time": args.min_time}
+    eq = {(r["cell"], r["n"], r["batch"], r["T"]): r for r in eq_results}
+    T = 100
+    ns = (64,) if args.quick else (64, 256)
+    out = []
+    for cell in [c for c in args.cells.split(",") if c in ("gru", "rnn")]:
+        for n in ns:
+            for batch in (1, 32):
+                key = (cell, n, batch, T)
+                if key not in eq:  # e.g. --braintrace-only: measure eqtrace here, same process
+                    model, states, exs, etg = make_problem(cell, n, batch, T, build=build)
+                    params, fns = make_fns(model, online=("es_d_rtrl",))
+                    eq[key] = {
+                        a: measure(fns[a], (params, states, exs, etg), run=True, reps=reps)
+                        for a in ("es_d_rtrl", "bptt")
+                    }
+                _, _, xs, targets = make_problem(cell, n, batch, T)
+                xs, targets = jnp.swapaxes(xs, 0, 1), jnp.swapaxes(targets, 0, 1)  # (T, B, ...)
+                brainstate.random.seed(0)
+                net = BTNet(cell, N_IN, n, N_OUT)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    learner = braintrace.compile(net, braintrace.pp_prop, xs[0], batch_size=batch, decay_or_rank=0.9)
+
+                def make_grad(learner):
+                    def step_loss(x, y):
+                        return jnp.mean((learner(x) - y) ** 2)
+
+                    @brainstate.transform.jit
+                    def _grad(seq_x, seq_y):
+                        return learner.etrace_grad(seq_x, seq_y, step_fn=step_loss, return_value=True)
+
+                    return _grad
+
+                grad = make_grad(learner)
+                t0 = time.perf_counter()
+                jax.block_until_ready(grad(xs, targets))
+                first = time.perf_counter() - t0
+                bt, nrep = time_calls(lambda g=grad, a=xs, b=targets: g(a, b), **reps)
+                es, bp = eq[key]["es_d_rtrl"]["time_s"], eq[key]["bptt"]["time_s"]
+                rec = {"cell": cell, "n": n, "batch": batch, "T": T, "braintrace_s": bt,
+                       "braintrace_first_call_s": first, "eqtrace_s": es, "eqtrace_bptt_s": bp, "reps": nrep}
+                print(
+                    f"braintrace pp_prop {cell} n={n} B={batch}: {fmt_time(bt)} (first call {first:.1f}s), "
+                    f"eqtrace ES {fmt_time(es)}, eqtrace/braintrace {ratio(es, bt)}",
+                    flush=True,
+                )
+                out.append(rec)
+    return out
+
+
+def bt_table(rows):
+    lines = [
+        "| cell | n | B | T | eqtrace ES-D-RTRL | braintrace pp_prop | eqtrace/braintrace | eqtrace BPTT | braintrace pp_prop / eqtrace BPTT |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['cell']} | {r['n']} | {r['batch']} | {r['T']} | {fmt_time(r['eqtrace_s'])} | "
+            f"{fmt_time(r['braintrace_s'])} | {ratio(r['eqtrace_s'], r['braintrace_s'])} | "
+            f"{fmt_time(r['eqtrace_bptt_s'])} | {ratio(r['braintrace_s'], r['eqtrace_bptt_s'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="n=64 only")
+    p.add_argument("--cells", default="gru,rnn,lif", help="comma-separated subset of gru,rnn,lif")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--min-reps", type=int, default=3, help="timed calls at least (after one warm-up)")
+    p.add_argument("--max-reps", type=int, default=7, help="timed calls at most")
+    p.add_argument("--min-time", type=float, default=1.5, help="keep timing (up to --max-reps) for this many s")
+    p.add_argument("--no-braintrace", action="store_true", help="skip the braintrace comparison")
+    p.add_argument("--braintrace-only", action="store_true", help="only the braintrace comparison")
+    args = p.parse_args()
+
+    meta = {
+        "jax": jax.__version__,
+        "eqx": eqx.__version__,
+        "backend": jax.default_backend(),
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "cpus": __import__("os").cpu_count(),
+        "quick": args.quick,
+    }
+    print(json.dumps(meta), flush=True)
+    t0 = time.perf_counter()
+    results = [] if args.braintrace_only else run_eqtrace(args)
+    meta["eqtrace_grid_s"] = time.perf_counter() - t0
+    if results:
+        print(f"\neqtrace grid took {meta['eqtrace_grid_s']:.0f}s\n")
+        print(table(results))
+    bt = None
+    if not args.no_braintrace:
+        bt = run_braintrace(args, results)
+        if bt:
+            print()
+            print(bt_table(bt))
+    meta["total_s"] = time.perf_counter() - t0
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "eqtrace": results, "braintrace": bt}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
