@@ -32,12 +32,59 @@ def test_grads_have_the_structure_of_the_inexact_model():
         assert losses.shape == (5,)
 
 
-def test_batch_grad_is_the_mean_of_single_sequences():
-    model = SingleLayerRNN(3, 4, 2, key=jax.random.key(2))
-    xs, ts = _data(6, jax.random.key(3), batch=3)
+class ScaledWeight(eqx.Module):
+    """A relation (the bias) on an operation whose other weight operand is computed in the step."""
+
+    w: jax.Array
+    b: jax.Array
+    out: eqtrace.nn.Linear
+
+    def __call__(self, x, h):
+        h = 0.6 * h + eqtrace.matmul(x, 2.0 * self.w, self.b)
+        return self.out(jnp.tanh(h)), h
+
+    def init_state(self):
+        return jnp.zeros(4)
+
+
+def _batch_models():
+    from .models import AdaptiveNeurons
+    from .test_d_rtrl import ConvLeaky
+
+    k = jax.random.split(jax.random.key(2), 6)
+    return {
+        "rnn": (SingleLayerRNN(3, 4, 2, key=k[0]), (3,)),
+        "element_wise": (
+            AdaptiveNeurons(
+                jax.random.normal(k[1], (3, 4)), jnp.linspace(2.0, 4.0, 4), jax.random.normal(k[2], (4, 2))
+            ),
+            (3,),
+        ),
+        "conv": (
+            ConvLeaky(eqtrace.nn.Conv1d(2, 3, kernel_size=3, key=k[3]), eqtrace.nn.Linear(15, 2, key=k[4])),
+            (2, 5),
+        ),
+        "computed_weight": (
+            ScaledWeight(jax.random.normal(k[5], (3, 4)), jnp.ones(4), eqtrace.nn.Linear(4, 2, key=k[0])),
+            (3,),
+        ),
+    }
+
+
+@pytest.mark.parametrize("algorithm", ["d_rtrl", "es_d_rtrl"])
+@pytest.mark.parametrize("name", ["rnn", "element_wise", "conv", "computed_weight"])
+def test_batch_grad_is_the_mean_of_single_sequences(name, algorithm):
+    """The batched driver runs each step on the whole batch; it must equal the mean of single runs."""
+    model, x_shape = _batch_models()[name]
+    kx, kt = jax.random.split(jax.random.key(3))
+    xs = jax.random.normal(kx, (3, 6) + x_shape)
+    ts = jax.random.normal(kt, (3, 6, 2))
     states = jax.vmap(lambda _: model.init_state())(jnp.arange(3))
-    grads, losses = eqtrace.batch_grad(eqtrace.online_grad, model, states, xs, ts, mse)
-    singles = [eqtrace.online_grad(model, model.init_state(), xs[b], ts[b], mse) for b in range(3)]
+    grads, losses = eqtrace.batch_grad(eqtrace.online_grad, model, states, xs, ts, mse, algorithm=algorithm)
+    singles = [
+        eqtrace.online_grad(model, model.init_state(), xs[b], ts[b], mse, algorithm=algorithm)
+        for b in range(3)
+    ]
     mean = jax.tree.map(lambda *g: sum(g) / 3, *[g for g, _ in singles])
     assert_tree_allclose(grads, mean)
     assert_tree_allclose(losses, sum(l for _, l in singles) / 3)

@@ -85,8 +85,10 @@ def d_rtrl_step(
     x,
     target,
     loss_fn: Callable,
+    *,
+    batched: bool = False,
 ):
-    """Advance D-RTRL by one step.
+    r"""Advance D-RTRL by one step.
 
     **Arguments:**
 
@@ -95,11 +97,15 @@ def d_rtrl_step(
     - `traces`: the [`eqtrace.DRTRLTraces`][] after the previous step.
     - `x`: this step's input; `target`: this step's target.
     - `loss_fn`: `loss_fn(y, target) -> scalar`, the per-step loss $L_t$.
+    - `batched`: whether `x`, `target` and `traces` carry a leading batch axis (make such traces
+      with `jax.vmap(lambda s: d_rtrl_init(graph, params, s))(states)`). The step then runs on the
+      whole batch, `loss` is per example and `grads` is the batch mean: cheaper than a `jax.vmap` of
+      the step, which would form one weight gradient per example.
 
     **Returns:**
 
     `(traces, y, loss, grads)`: the new traces, the model output, $L_t$, and this step's
-    contribution to $\\nabla_\\theta \\sum_t L_t$ in the structure of
+    contribution to $\nabla_\theta \sum_t L_t$ in the structure of
     `eqx.filter(params, eqx.is_inexact_array)`.
     """
     pairs = traced_pairs(graph)
@@ -109,18 +115,27 @@ def d_rtrl_step(
             f"({len(pairs)} traces), got {type(traces).__name__}"
             + (f" with {len(traces.eps)} traces." if isinstance(traces, DRTRLTraces) else ".")
         )
-    lin = linearise_step(graph, params, x, traces.state, target, loss_fn)
+    lin = linearise_step(graph, params, x, traces.state, target, loss_fn, batched=batched)
     index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
     grads = list(lin.grads)
     new_eps = []
     for (r, g), eps in zip(pairs, traces.eps):
         rel = graph.hidden_param_op_relations[r]
+        eqn_params = graph.module_info.closed_jaxpr.jaxpr.eqns[rel.eqn_index].params
+
+        def advance(eps, signal, d_total, d_f, operands):
+            history = jnp.sum(jnp.broadcast_to(signal, eps.shape) * eps, axis=-1)
+            instant = instant_trace(rel.primitive, eqn_params, operands, rel.operand_index, d_f)
+            return history, apply_blocks(d_total, eps) + instant
+
+        args = (eps, lin.signal[g], lin.d_total[g], lin.d_f[rel.eqn_index][g], lin.operands[rel.eqn_index])
+        if batched:
+            history, eps = jax.vmap(advance)(*args)
+            history = jnp.sum(history, axis=0)
+        else:
+            history, eps = advance(*args)
         w = index[rel.weight_path]
-        signal = jnp.broadcast_to(lin.signal[g], eps.shape)
-        grads[w] = grads[w] + jnp.sum(signal * eps, axis=-1)
-        params_e = graph.module_info.closed_jaxpr.jaxpr.eqns[rel.eqn_index].params
-        ops = lin.operands[rel.eqn_index]
-        instant = instant_trace(rel.primitive, params_e, ops, rel.operand_index, lin.d_f[rel.eqn_index][g])
-        new_eps.append(apply_blocks(lin.d_total[g], eps) + instant)
+        grads[w] = grads[w] + history
+        new_eps.append(eps)
     new = DRTRLTraces(state=lin.new_state, eps=tuple(new_eps))
     return new, lin.y, lin.loss, unflatten_grads(params, grads)

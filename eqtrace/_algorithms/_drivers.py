@@ -96,19 +96,14 @@ def _online_grad(model, state, xs, targets, loss_fn, algorithm, graph, options, 
         )
     if batched:
         traces = jax.vmap(lambda s: init(graph, model, s, **options))(state)
-        step_b = jax.vmap(lambda tr, x, t: step(graph, model, tr, x, t, loss_fn))
     else:
         traces = init(graph, model, state, **options)
     zeros = jtu.tree_map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
 
     def body(carry, xt):
         traces, acc = carry
-        if batched:
-            traces, _, loss, g = step_b(traces, xt[0], xt[1])
-            g, loss = jtu.tree_map(lambda a: jnp.mean(a, axis=0), (g, loss))
-        else:
-            traces, _, loss, g = step(graph, model, traces, xt[0], xt[1], loss_fn)
-        return (traces, jtu.tree_map(jnp.add, acc, g)), loss
+        traces, _, loss, g = step(graph, model, traces, xt[0], xt[1], loss_fn, batched=batched)
+        return (traces, jtu.tree_map(jnp.add, acc, g)), jnp.mean(loss)
 
     (_, grads), losses = jax.lax.scan(body, (traces, zeros), (xs, targets))
     return grads, losses

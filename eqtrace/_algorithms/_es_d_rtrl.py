@@ -76,7 +76,16 @@ def es_d_rtrl_init(graph: ETraceGraph, params, state, decay: float = 0.9) -> ESD
     return ESDRTRLTraces(state=state, x_bar=tuple(x_bar), f_bar=tuple(f_bar), decay=float(decay))
 
 
-def es_d_rtrl_step(graph: ETraceGraph, params, traces: ESDRTRLTraces, x, target, loss_fn: Callable):
+def es_d_rtrl_step(
+    graph: ETraceGraph,
+    params,
+    traces: ESDRTRLTraces,
+    x,
+    target,
+    loss_fn: Callable,
+    *,
+    batched: bool = False,
+):
     """Advance ES-D-RTRL by one step. Same contract as [`eqtrace.d_rtrl_step`][].
 
     **Returns:**
@@ -90,29 +99,58 @@ def es_d_rtrl_step(graph: ETraceGraph, params, traces: ESDRTRLTraces, x, target,
             "`traces` must be the `ESDRTRLTraces` that `eqtrace.es_d_rtrl_init` made for this graph, "
             f"got {type(traces).__name__}."
         )
-    lin = linearise_step(graph, params, x, traces.state, target, loss_fn)
-    eqns = graph.module_info.closed_jaxpr.jaxpr.eqns
-    index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
+    lin = linearise_step(graph, params, x, traces.state, target, loss_fn, batched=batched)
+    info = graph.module_info
+    eqns = info.closed_jaxpr.jaxpr.eqns
+    weights = flatten_weights(graph, params)
+    weight_of_var = {v: i for i, v in enumerate(info.closed_jaxpr.jaxpr.invars[: info.num_weights])}
+    index = {p: i for i, p in enumerate(info.weight_paths)}
     grads = list(lin.grads)
     x_iter, f_iter = iter(traces.x_bar), iter(traces.f_bar)
     new_x, new_f = [], []
     for e, group_ids in eqns_groups:
         op = etp_op_of(eqns[e].primitive)
         operands = list(lin.operands[e])
+        x_bar = None
         if op.has_input:
             x_bar = next(x_iter)
             new_x.append(traces.decay * x_bar + operands[0])
-            operands[0] = x_bar
         f_bars = [next(f_iter) for _ in group_ids]
         # The history term's cotangent at the operation's output: Σ_g Σ_c f̄ λ.
         cot = sum(jnp.sum(f * lin.signal[g], axis=-1) for f, g in zip(f_bars, group_ids))
-        _, vjp = jax.vjp(lambda *ops: op.impl(*ops, **eqns[e].params), *operands)
-        history = vjp(cot)
+        history = _history(op, eqns[e], operands, x_bar, cot, weights, weight_of_var, batched)
         for rel in graph.hidden_param_op_relations:
             if rel.eqn_index == e:
                 w = index[rel.weight_path]
                 grads[w] = grads[w] + history[rel.operand_index]
         for f, g in zip(f_bars, group_ids):
-            new_f.append(apply_blocks(lin.d_total[g], f) + lin.d_f[e][g])
+            blocks = jax.vmap(apply_blocks) if batched else apply_blocks
+            new_f.append(blocks(lin.d_total[g], f) + lin.d_f[e][g])
     new = ESDRTRLTraces(state=lin.new_state, x_bar=tuple(new_x), f_bar=tuple(new_f), decay=traces.decay)
     return new, lin.y, lin.loss, unflatten_grads(params, grads)
+
+
+def _history(op, eqn, operands, x_bar, cot, weights, weight_of_var, batched) -> list:
+    """`VJP` of the operation at `(x̄, W)` with cotangent `cot`, for every operand (index 0 unused).
+
+    Batched, with weights that are model leaves (the usual case), the weights are taken unbatched, so
+    the batch is contracted inside the operation's own transpose (a matmul over the batch)."""
+    start = 1 if op.has_input else 0
+
+    def impl(x0, *w):
+        return op.impl(*((x0,) if op.has_input else ()), *w, **eqn.params)
+
+    if not batched:
+        _, vjp = jax.vjp(lambda *w: impl(x_bar, *w), *operands[start:])
+        return [None] * start + list(vjp(cot))
+    leaves = [eqn.invars[j] for j in range(start, len(operands))]
+    if all(v in weight_of_var for v in leaves):
+        ws = [weights[weight_of_var[v]] for v in leaves]
+        if op.has_input:
+            _, vjp = jax.vjp(lambda *w: jax.vmap(lambda x0: impl(x0, *w))(x_bar), *ws)
+            return [None] * start + list(vjp(cot))
+        _, vjp = jax.vjp(lambda *w: impl(None, *w), *ws)
+        return list(vjp(jnp.sum(cot, axis=0)))
+    # Weights computed inside the step: one VJP per example, summed.
+    per_example = jax.vmap(lambda x0, c, *w: jax.vjp(lambda *w: impl(x0, *w), *w)[1](c))
+    return [None] * start + [jnp.sum(g, axis=0) for g in per_example(x_bar, cot, *operands[start:])]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._compiler import ETraceGraph, evaluate, HiddenGroup
-from .._compiler._run import flatten_step_inputs, unflatten_step_outputs
+from .._compiler._run import flatten_step_inputs, flatten_weights, unflatten_step_outputs
 
 
 class StepLinearisation(eqx.Module):
@@ -74,15 +74,20 @@ def _blocks(jvp: Callable, hidden: list, group: HiddenGroup, cols: list[int]) ->
     return jnp.stack(cols_out, axis=-1)  # varshape + (S, S): [..., s, c]
 
 
-def linearise_step(graph: ETraceGraph, params, x, state, target, loss_fn: Callable) -> StepLinearisation:
-    """Linearise one step of the compiled model (see [`StepLinearisation`][])."""
+def linearise_step(
+    graph: ETraceGraph, params, x, state, target, loss_fn: Callable, *, batched: bool = False
+) -> StepLinearisation:
+    """Linearise one step of the compiled model (see [`StepLinearisation`][]).
+
+    With `batched`, `x`, `state` and `target` carry a leading batch axis; the loss is the batch
+    mean, and the weights' gradients are taken through the whole batch at once (a matmul over the
+    batch, not one gradient per example); every other field gains the leading batch axis.
+    """
     info = graph.module_info
     closed = info.closed_jaxpr
-    weights, xs, hidden = flatten_step_inputs(graph, params, x, state)
+    weights = flatten_weights(graph, params)
     perturb = graph.hidden_perturb
     pvars = perturb.perturb_vars if perturb is not None else ()
-    hidden_index = {p: i for i, p in enumerate(info.hidden_paths)}
-    traced = [hidden_index[p] for p in perturb.hidden_paths] if perturb is not None else []
     inexact = [jnp.issubdtype(w.dtype, jnp.inexact) for w in weights]
     diff_weights = [w for w, ok in zip(weights, inexact) if ok]
 
@@ -90,7 +95,8 @@ def linearise_step(graph: ETraceGraph, params, x, state, target, loss_fn: Callab
         it = iter(dw)
         return [next(it) if ok else w for w, ok in zip(weights, inexact)]
 
-    def loss_of(dw, ps):
+    def example(dw, x, state, target, ps):
+        _, xs, hidden = flatten_step_inputs(graph, params, x, state)
         record: dict = {}
         at = {v: (lambda p: lambda val: val + p)(p) for v, p in zip(pvars, ps)}
         outs = evaluate(
@@ -105,11 +111,24 @@ def linearise_step(graph: ETraceGraph, params, x, state, target, loss_fn: Callab
             raise ValueError(
                 f"`loss_fn(y, target)` must return a scalar array, got {getattr(loss, 'shape', type(loss))}."
             )
-        return loss, (y, new_state, record)
+        return loss, (y, new_state, record, xs, hidden)
 
-    zeros_p = [jnp.zeros(v.aval.shape, v.aval.dtype) for v in pvars]
-    loss, vjp, (y, new_state, record) = jax.vjp(loss_of, diff_weights, zeros_p, has_aux=True)
-    g_w, g_p = vjp(jnp.ones_like(loss))
+    lead: tuple[int, ...] = ()
+    if batched:
+        lead = (jtu.tree_leaves(x)[0].shape[0],)
+
+        def loss_of(dw, ps):
+            losses, aux = jax.vmap(lambda *a: example(dw, *a))(x, state, target, ps)
+            return jnp.mean(losses), (losses, aux)
+    else:
+
+        def loss_of(dw, ps):
+            loss, aux = example(dw, x, state, target, ps)
+            return loss, (loss, aux)
+
+    zeros_p = [jnp.zeros(lead + v.aval.shape, v.aval.dtype) for v in pvars]
+    _, vjp, (loss, (y, new_state, record, xs, hidden)) = jax.vjp(loss_of, diff_weights, zeros_p, has_aux=True)
+    g_w, g_p = vjp(jnp.ones((), loss.dtype))
     it = iter(g_w)
     grads = [next(it) if ok else None for ok in inexact]
     operands = {i: a for i, (a, _) in record.items()}
@@ -117,6 +136,24 @@ def linearise_step(graph: ETraceGraph, params, x, state, target, loss_fn: Callab
 
     cols = _group_columns(graph) if perturb is not None else []
     delta = tuple(jnp.stack([g_p[k] for k in c], axis=-1) for c in cols)
+    jacobians = lambda xs, hidden, outputs: _jacobians(graph, weights, xs, hidden, outputs)  # noqa: E731
+    d_total, d_local, d_f = (jax.vmap(jacobians) if batched else jacobians)(xs, hidden, outputs)
+    signal = tuple(jnp.einsum("...s,...sc->...c", dl, d) for dl, d in zip(delta, d_local))
+    return StepLinearisation(y, new_state, loss, grads, delta, operands, outputs, d_total, signal, d_f)
+
+
+def _jacobians(graph: ETraceGraph, weights: list, xs: list, hidden: list, outputs: dict):
+    """For one example: the blocks `∂h_t/∂h_{t-1}` (total and with the step's other new values held
+    fixed) and `∂h_t/∂y` of every relation's operation, all with ETP outputs held fixed."""
+    info = graph.module_info
+    closed = info.closed_jaxpr
+    perturb = graph.hidden_perturb
+    if perturb is None:
+        return (), (), {}
+    pvars = perturb.perturb_vars
+    hidden_index = {p: i for i, p in enumerate(info.hidden_paths)}
+    traced = [hidden_index[p] for p in perturb.hidden_paths]
+    cols = _group_columns(graph)
 
     # The cut transition: new hidden values from old ones with every ETP output held fixed.
     def transition(h_traced, ys, detach):
@@ -137,7 +174,7 @@ def linearise_step(graph: ETraceGraph, params, x, state, target, loss_fn: Callab
     h0 = [hidden[i] for i in traced]
     _, jvp_h = jax.linearize(lambda h: transition(h, outputs, False), h0)
     d_total = tuple(_blocks(jvp_h, h0, g, c) for g, c in zip(graph.hidden_groups, cols))
-    if perturb is not None and perturb.chained:
+    if perturb.chained:
         _, jvp_l = jax.linearize(lambda h: transition(h, outputs, True), h0)
         d_local = tuple(_blocks(jvp_l, h0, g, c) for g, c in zip(graph.hidden_groups, cols))
     else:
@@ -156,8 +193,7 @@ def linearise_step(graph: ETraceGraph, params, x, state, target, loss_fn: Callab
             d_f[e] = {
                 g.index: jnp.stack([out[k] for k in c], axis=-1) for g, c in zip(graph.hidden_groups, cols)
             }
-    signal = tuple(jnp.einsum("...s,...sc->...c", dl, d) for dl, d in zip(delta, d_local))
-    return StepLinearisation(y, new_state, loss, grads, delta, operands, outputs, d_total, signal, d_f)
+    return d_total, d_local, d_f
 
 
 def apply_blocks(d: jax.Array, trace: jax.Array) -> jax.Array:
