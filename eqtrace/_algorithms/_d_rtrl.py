@@ -85,8 +85,6 @@ def d_rtrl_step(
     x,
     target,
     loss_fn: Callable,
-    *,
-    batched: bool = False,
 ):
     r"""Advance D-RTRL by one step.
 
@@ -97,10 +95,9 @@ def d_rtrl_step(
     - `traces`: the [`eqtrace.DRTRLTraces`][] after the previous step.
     - `x`: this step's input; `target`: this step's target.
     - `loss_fn`: `loss_fn(y, target) -> scalar`, the per-step loss $L_t$.
-    - `batched`: whether `x`, `target` and `traces` carry a leading batch axis (make such traces
-      with `jax.vmap(lambda s: d_rtrl_init(graph, params, s))(states)`). The step then runs on the
-      whole batch, `loss` is per example and `grads` is the batch mean: cheaper than a `jax.vmap` of
-      the step, which would form one weight gradient per example.
+
+    Batch with `jax.vmap` (over `traces`, `x` and `target`, not `params`): D-RTRL's traces are per
+    example anyway, so per-example weight gradients add only a fraction of their memory.
 
     **Returns:**
 
@@ -115,7 +112,7 @@ def d_rtrl_step(
             f"({len(pairs)} traces), got {type(traces).__name__}"
             + (f" with {len(traces.eps)} traces." if isinstance(traces, DRTRLTraces) else ".")
         )
-    lin = linearise_step(graph, params, x, traces.state, target, loss_fn, batched=batched)
+    lin = linearise_step(graph, params, x, traces.state, target, loss_fn)
     index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
     grads = list(lin.grads)
     new_eps = []
@@ -123,17 +120,10 @@ def d_rtrl_step(
         rel = graph.hidden_param_op_relations[r]
         eqn_params = graph.module_info.closed_jaxpr.jaxpr.eqns[rel.eqn_index].params
 
-        def advance(eps, signal, d_total, d_f, operands):
-            history = jnp.sum(jnp.broadcast_to(signal, eps.shape) * eps, axis=-1)
-            instant = instant_trace(rel.primitive, eqn_params, operands, rel.operand_index, d_f)
-            return history, apply_blocks(d_total, eps) + instant
-
-        args = (eps, lin.signal[g], lin.d_total[g], lin.d_f[rel.eqn_index][g], lin.operands[rel.eqn_index])
-        if batched:
-            history, eps = jax.vmap(advance)(*args)
-            history = jnp.sum(history, axis=0)
-        else:
-            history, eps = advance(*args)
+        history = jnp.sum(jnp.broadcast_to(lin.signal[g], eps.shape) * eps, axis=-1)
+        operands, d_f = lin.operands[rel.eqn_index], lin.d_f[rel.eqn_index][g]
+        instant = instant_trace(rel.primitive, eqn_params, operands, rel.operand_index, d_f)
+        eps = apply_blocks(lin.d_total[g], eps) + instant
         w = index[rel.weight_path]
         grads[w] = grads[w] + history
         new_eps.append(eps)

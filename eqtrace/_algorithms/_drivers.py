@@ -17,6 +17,10 @@ ALGORITHMS: dict[str, tuple[Callable, Callable]] = {
     "d_rtrl": (d_rtrl_init, d_rtrl_step),
     "es_d_rtrl": (es_d_rtrl_init, es_d_rtrl_step),
 }
+# Algorithms whose step takes a whole batch (`batched=True`): their weight gradients then contract
+# the batch inside the operation's transpose. The others are `jax.vmap`-ed over examples: D-RTRL's
+# traces are per example anyway, and measured faster that way.
+BATCH_NATIVE = frozenset({"es_d_rtrl"})
 
 _GRAPHS: dict = {}
 
@@ -43,11 +47,13 @@ def graph_for(model, x, state) -> ETraceGraph:
     return graph
 
 
-def _check_algorithm(algorithm: str) -> tuple[Callable, Callable]:
+def _check_algorithm(algorithm: str) -> str:
     name = {"pp_prop": "es_d_rtrl"}.get(algorithm, algorithm)
     if name not in ALGORITHMS:
-        raise ValueError(f"`algorithm` must be one of {sorted(ALGORITHMS)}, got {algorithm!r}.")
-    return ALGORITHMS[name]
+        raise ValueError(
+            f"`algorithm` must be one of {sorted(ALGORITHMS)} (or 'pp_prop'), got {algorithm!r}."
+        )
+    return name
 
 
 def online_grad(
@@ -80,7 +86,7 @@ def _online_grad(model, state, xs, targets, loss_fn, algorithm, graph, options, 
     """`online_grad`; with `batched`, `state` has a leading batch axis and `xs`, `targets` are
     `(time, batch, ...)`: each step runs on the whole batch and its gradients are averaged at once,
     so the carry holds one gradient accumulator, not one per example."""
-    init, step = _check_algorithm(algorithm)
+    init, step = ALGORITHMS[_check_algorithm(algorithm)]
     lengths = {a.shape[0] for a in jtu.tree_leaves((xs, targets))}
     if len(lengths) != 1:
         got = jtu.tree_map(lambda a: a.shape, (xs, targets))
@@ -99,10 +105,11 @@ def _online_grad(model, state, xs, targets, loss_fn, algorithm, graph, options, 
     else:
         traces = init(graph, model, state, **options)
     zeros = jtu.tree_map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
+    batch_option = {"batched": True} if batched else {}
 
     def body(carry, xt):
         traces, acc = carry
-        traces, _, loss, g = step(graph, model, traces, xt[0], xt[1], loss_fn, batched=batched)
+        traces, _, loss, g = step(graph, model, traces, xt[0], xt[1], loss_fn, **batch_option)
         return (traces, jtu.tree_map(jnp.add, acc, g)), jnp.mean(loss)
 
     (_, grads), losses = jax.lax.scan(body, (traces, zeros), (xs, targets))
@@ -112,8 +119,8 @@ def _online_grad(model, state, xs, targets, loss_fn, algorithm, graph, options, 
 def batch_grad(grad_fn: Callable, model, states, xs, targets, loss_fn: Callable, **kwargs):
     """Average `grad_fn` (`online_grad` or `bptt_grad`) over a batch.
 
-    For `online_grad`, each time step runs on the whole batch and averages its gradient at once
-    (one accumulator, not one per example); other functions are `jax.vmap`-ed.
+    For `online_grad` with ES-D-RTRL, each time step runs on the whole batch and averages its
+    gradient at once (one accumulator, not one per example); otherwise `grad_fn` is `jax.vmap`-ed.
 
     **Arguments:**
 
@@ -125,8 +132,8 @@ def batch_grad(grad_fn: Callable, model, states, xs, targets, loss_fn: Callable,
 
     `(grads, losses)`: the batch-mean gradient and per-step losses (shape `(T,)`).
     """
-    if grad_fn is online_grad:
-        algorithm = kwargs.pop("algorithm", "d_rtrl")
+    if grad_fn is online_grad and _check_algorithm(kwargs.get("algorithm", "d_rtrl")) in BATCH_NATIVE:
+        algorithm = kwargs.pop("algorithm")
         graph = kwargs.pop("graph", None)
         time_major = jtu.tree_map(lambda a: jnp.swapaxes(a, 0, 1), (xs, targets))
         return _online_grad(model, states, *time_major, loss_fn, algorithm, graph, kwargs, batched=True)
