@@ -340,3 +340,16 @@ def test_etp_op_inside_scan_is_refused():
 
     with pytest.raises(ValueError, match="inside `scan`"):
         eqtrace.compile_etrace_graph(Loops(jnp.ones((2, 3))), jnp.zeros(2), jnp.zeros(3))
+
+
+def test_states_of_one_group_must_share_a_shape():
+    class Broadcasts(eqx.Module):
+        w: jax.Array
+
+        def __call__(self, x, state):
+            v, a = state
+            v = 0.9 * v + eqtrace.matmul(x, self.w) - a
+            return v, (v, 0.5 * a)
+
+    with pytest.raises(ValueError, match=r"evolve together.*\(0,\): float64\[3\], \(1,\): float64\[\]"):
+        eqtrace.compile_etrace_graph(Broadcasts(jnp.ones((2, 3))), jnp.zeros(2), (jnp.zeros(3), jnp.zeros(())))

@@ -1,32 +1,20 @@
-"""`compile_etrace_graph`: trace one step, inline nested calls, and find hidden groups, weight →
-hidden relations, excluded weights and perturbation points by data flow."""
+"""`compile_etrace_graph`: trace one step, inline nested calls, check it, and assemble the graph
+from the data-flow analyses (hidden groups, relations, perturbation points)."""
 
 import types
-from collections.abc import Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._jax_internals import (
-    closed_call_body,
-    custom_call_body,
-    ELEMENTWISE,
-    Literal,
-    Var,
-)
+from .._jax_internals import Var
 from .._ops import etp_op_of
+from ._dataflow import hidden_dependencies
 from ._evaluate import inline_eval
-from ._graph import (
-    ETraceGraph,
-    ExcludedWeight,
-    HiddenGroup,
-    HiddenParamOpRelation,
-    HiddenPerturbation,
-    ModuleInfo,
-    Path,
-)
+from ._graph import ETraceGraph, HiddenPerturbation, ModuleInfo, Path
+from ._hidden_groups import find_hidden_groups
+from ._relations import find_relations
 
 
 def key_to_path(keypath) -> Path:
@@ -111,102 +99,6 @@ def _trace(model, x, state):
     return flat, in_treedef, static, out_treedef, out_static
 
 
-# ----------------------------------------------------------------------------------------------
-# Data-flow analysis on the flat jaxpr.
-
-_ETP, _EW, _MIX = 1, 2, 3  # how a value reaches another: via another ETP op < element-wise < mixing
-
-
-def _shape(v) -> tuple[int, ...]:
-    return tuple(v.aval.shape)
-
-
-def _body_is_elementwise(closed) -> bool:
-    for eqn in closed.jaxpr.eqns:
-        if not _eqn_is_elementwise(eqn):
-            return False
-    return True
-
-
-def _eqn_is_elementwise(eqn) -> bool:
-    if eqn.primitive in ELEMENTWISE:
-        return True
-    body = custom_call_body(eqn) or closed_call_body(eqn)
-    return body is not None and _body_is_elementwise(body)
-
-
-def _operand_is_position_wise(eqn, var) -> bool:
-    """Whether output position `i` of `eqn` depends on `var` at position `i` only."""
-    return _eqn_is_elementwise(eqn) and all(_shape(var) == _shape(o) for o in eqn.outvars)
-
-
-def _hidden_dependencies(jaxpr, hidden_vars: Sequence[Var]) -> dict:
-    """For every variable, the hidden inputs it depends on when ETP outputs are held fixed, each
-    with a flag: `True` if every such path is position-wise."""
-    deps: dict = {v: {i: True} for i, v in enumerate(hidden_vars)}
-    for eqn in jaxpr.eqns:
-        out: dict[int, bool] = {}
-        if etp_op_of(eqn.primitive) is None:
-            for v in eqn.invars:
-                if isinstance(v, Literal) or v not in deps:
-                    continue
-                pw = _operand_is_position_wise(eqn, v)
-                for h, flag in deps[v].items():
-                    out[h] = out.get(h, True) and flag and pw
-        for o in eqn.outvars:
-            if out:
-                deps[o] = out
-    return deps
-
-
-def _reach(jaxpr, start: int) -> dict:
-    """How the output of equation `start` reaches every later variable (`_ETP`, `_EW` or `_MIX`)."""
-    kind = {eqn_out: _EW for eqn_out in jaxpr.eqns[start].outvars}
-    for eqn in jaxpr.eqns[start + 1 :]:
-        k_out = 0
-        is_etp = etp_op_of(eqn.primitive) is not None
-        for v in eqn.invars:
-            if isinstance(v, Literal) or v not in kind:
-                continue
-            k = kind[v]
-            if is_etp:
-                k = _ETP  # the op's input is cut: what happened before it no longer matters
-            elif k == _EW and not _operand_is_position_wise(eqn, v):
-                k = _MIX
-            k_out = max(k_out, k)
-        if k_out:
-            for o in eqn.outvars:
-                kind[o] = k_out
-    return kind
-
-
-def _weight_dependencies(jaxpr, weight_vars: Sequence[Var]) -> dict:
-    deps: dict = {v: frozenset([i]) for i, v in enumerate(weight_vars)}
-    for eqn in jaxpr.eqns:
-        got = frozenset().union(*(deps.get(v, frozenset()) for v in eqn.invars if not isinstance(v, Literal)))
-        if got:
-            for o in eqn.outvars:
-                deps[o] = got
-    return deps
-
-
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, i: int, j: int) -> None:
-        self.parent[self.find(i)] = self.find(j)
-
-
-_REASON_PRIORITY = ("not_element_wise", "via_other_etp_op", "non_temporal", "weight_to_weight", "no_etp_op")
-
-
 def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
     """Trace one step of `model` and compile its eligibility-trace graph.
 
@@ -281,118 +173,15 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
             )
         seen_vars[hidden_out[i]] = i
 
-    # Hidden groups: connected components of new-state ← old-state dependencies (ETP outputs fixed).
-    deps = _hidden_dependencies(jaxpr, hidden_in)
-    uf = _UnionFind(n_h)
-    traced_set = set(traced)
-    for i in traced:
-        for h in deps.get(hidden_out[i], {}):
-            if h in traced_set:
-                uf.union(i, h)
-    members: dict[int, list[int]] = {}
-    for i in traced:
-        members.setdefault(uf.find(i), []).append(i)
-    groups: list[HiddenGroup] = []
-    group_of: dict[int, HiddenGroup] = {}
-    for idx, ms in enumerate(sorted(members.values(), key=min)):
-        shapes = {hidden_avals[i].shape for i in ms}
-        dtypes = {hidden_avals[i].dtype for i in ms}
-        if len(shapes) > 1 or len(dtypes) > 1:
-            got = ", ".join(
-                f"{hidden_paths[i]}: {hidden_avals[i].dtype}{list(hidden_avals[i].shape)}" for i in ms
-            )
-            raise ValueError(
-                f"These hidden states evolve together within one step but differ in shape or dtype: "
-                f"{got}. States of one group need one shape, so that each position has an S×S "
-                "Jacobian block."
-            )
-        position_wise = all(
-            flag for i in ms for h, flag in deps.get(hidden_out[i], {}).items() if h in traced_set
-        )
-        group = HiddenGroup(
-            index=idx,
-            hidden_paths=tuple(hidden_paths[i] for i in ms),
-            varshape=tuple(hidden_avals[ms[0]].shape),
-            dtype=jnp.dtype(hidden_avals[ms[0]].dtype),
-            position_wise=position_wise,
-        )
-        groups.append(group)
-        for i in ms:
-            group_of[i] = group
-
-    # Relations: each ETP equation's weight operands and the groups its output reaches element-wise.
-    wdeps = _weight_dependencies(jaxpr, weight_vars)
-    relations: list[HiddenParamOpRelation] = []
-    notes: dict[int, list[tuple[str, str]]] = {}
-    used: set[int] = set()
-    for e, eqn in enumerate(jaxpr.eqns):
-        op = etp_op_of(eqn.primitive)
-        if op is None:
-            continue
-        kind = _reach(jaxpr, e)
-        reached = {i: kind.get(hidden_out[i], 0) for i in traced}
-        ew = sorted({group_of[i].index for i, k in reached.items() if k == _EW})
-        mixed = [hidden_paths[i] for i, k in reached.items() if k == _MIX]
-        via_etp = [hidden_paths[i] for i, k in reached.items() if k == _ETP]
-        for j in op.weight_operands(len(eqn.invars)):
-            v = eqn.invars[j]
-            if isinstance(v, Literal):
-                continue
-            if v not in weight_index:
-                for w in wdeps.get(v, ()):
-                    used.add(w)
-                    notes.setdefault(w, []).append(
-                        ("weight_to_weight", f"transformed before entering {op.name} (equation {e})")
-                    )
-                continue
-            w = weight_index[v]
-            used.add(w)
-            if mixed:
-                notes.setdefault(w, []).append(
-                    (
-                        "not_element_wise",
-                        f"{op.name} output reaches {', '.join(map(str, mixed))} through "
-                        "an operation that mixes positions",
-                    )
-                )
-            elif ew:
-                relations.append(
-                    HiddenParamOpRelation(
-                        weight_path=weight_paths[w],
-                        primitive=eqn.primitive,
-                        hidden_groups=tuple(groups[g] for g in ew),
-                        eqn_index=e,
-                        operand_index=j,
-                        y_shape=_shape(eqn.outvars[0]),
-                        position_diagonal=op.position_diagonal(*(_shape(v) for v in eqn.invars)),
-                    )
-                )
-            elif via_etp:
-                notes.setdefault(w, []).append(
-                    (
-                        "via_other_etp_op",
-                        f"{op.name} output reaches {', '.join(map(str, via_etp))} only "
-                        "through another ETP operation",
-                    )
-                )
-            else:
-                notes.setdefault(w, []).append(("non_temporal", f"{op.name} output reaches no hidden state"))
-
-    in_relation = {r.weight_path for r in relations}
-    excluded: list[ExcludedWeight] = []
-    for w, path in enumerate(weight_paths):
-        if path in in_relation or not jnp.issubdtype(weight_vars[w].aval.dtype, jnp.inexact):
-            continue
-        if w not in used:
-            excluded.append(ExcludedWeight(path, "no_etp_op", "used by no ETP operation"))
-            continue
-        reason, detail = min(notes[w], key=lambda rd: _REASON_PRIORITY.index(rd[0]))
-        excluded.append(ExcludedWeight(path, reason, detail))
+    groups = find_hidden_groups(jaxpr, hidden_in, hidden_out, hidden_paths, hidden_avals, traced)
+    relations, excluded = find_relations(
+        jaxpr, weight_vars, weight_paths, hidden_out, hidden_paths, traced, groups
+    )
 
     perturb = None
     if traced:
         new_vars = [hidden_out[i] for i in traced]
-        chain = _hidden_dependencies(jaxpr, new_vars)
+        chain = hidden_dependencies(jaxpr, new_vars)
         perturb = HiddenPerturbation(
             hidden_paths=tuple(hidden_paths[i] for i in traced),
             perturb_vars=tuple(new_vars),
@@ -420,5 +209,5 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
         hidden_param_op_relations=tuple(relations),
         excluded_weights=tuple(excluded),
         hidden_perturb=perturb,
-        untraced_hidden_paths=tuple(p for i, p in enumerate(hidden_paths) if i not in traced_set),
+        untraced_hidden_paths=tuple(p for i, p in enumerate(hidden_paths) if i not in traced),
     )

@@ -1,0 +1,88 @@
+"""Relations (weight → ETP operation → hidden groups) and the weights outside every relation."""
+
+import jax.numpy as jnp
+
+from .._jax_internals import Literal
+from .._ops import etp_op_of
+from ._dataflow import ETP, EW, MIX, reach, shape, weight_dependencies
+from ._graph import ExcludedWeight, HiddenGroup, HiddenParamOpRelation
+
+
+_REASON_PRIORITY = ("not_element_wise", "via_other_etp_op", "non_temporal", "weight_to_weight", "no_etp_op")
+
+
+def find_relations(
+    jaxpr, weight_vars, weight_paths, hidden_out, hidden_paths, traced, groups: list[HiddenGroup]
+) -> tuple[list[HiddenParamOpRelation], list[ExcludedWeight]]:
+    """Each ETP equation's weight operands and the groups its output reaches element-wise; every
+    other inexact weight leaf with the reason it is in no relation."""
+    group_of = {hidden_paths.index(p): g for g in groups for p in g.hidden_paths}
+    weight_index = {v: i for i, v in enumerate(weight_vars)}
+    wdeps = weight_dependencies(jaxpr, weight_vars)
+    relations: list[HiddenParamOpRelation] = []
+    notes: dict[int, list[tuple[str, str]]] = {}
+    used: set[int] = set()
+    for e, eqn in enumerate(jaxpr.eqns):
+        op = etp_op_of(eqn.primitive)
+        if op is None:
+            continue
+        kind = reach(jaxpr, e)
+        reached = {i: kind.get(hidden_out[i], 0) for i in traced}
+        ew = sorted({group_of[i].index for i, k in reached.items() if k == EW})
+        mixed = [hidden_paths[i] for i, k in reached.items() if k == MIX]
+        via_etp = [hidden_paths[i] for i, k in reached.items() if k == ETP]
+        for j in op.weight_operands(len(eqn.invars)):
+            v = eqn.invars[j]
+            if isinstance(v, Literal):
+                continue
+            if v not in weight_index:
+                for w in wdeps.get(v, ()):
+                    used.add(w)
+                    notes.setdefault(w, []).append(
+                        ("weight_to_weight", f"transformed before entering {op.name} (equation {e})")
+                    )
+                continue
+            w = weight_index[v]
+            used.add(w)
+            if mixed:
+                notes.setdefault(w, []).append(
+                    (
+                        "not_element_wise",
+                        f"{op.name} output reaches {', '.join(map(str, mixed))} through "
+                        "an operation that mixes positions",
+                    )
+                )
+            elif ew:
+                relations.append(
+                    HiddenParamOpRelation(
+                        weight_path=weight_paths[w],
+                        primitive=eqn.primitive,
+                        hidden_groups=tuple(groups[g] for g in ew),
+                        eqn_index=e,
+                        operand_index=j,
+                        y_shape=shape(eqn.outvars[0]),
+                        position_diagonal=op.position_diagonal(*(shape(v) for v in eqn.invars)),
+                    )
+                )
+            elif via_etp:
+                notes.setdefault(w, []).append(
+                    (
+                        "via_other_etp_op",
+                        f"{op.name} output reaches {', '.join(map(str, via_etp))} only "
+                        "through another ETP operation",
+                    )
+                )
+            else:
+                notes.setdefault(w, []).append(("non_temporal", f"{op.name} output reaches no hidden state"))
+
+    in_relation = {r.weight_path for r in relations}
+    excluded: list[ExcludedWeight] = []
+    for w, path in enumerate(weight_paths):
+        if path in in_relation or not jnp.issubdtype(weight_vars[w].aval.dtype, jnp.inexact):
+            continue
+        if w not in used:
+            excluded.append(ExcludedWeight(path, "no_etp_op", "used by no ETP operation"))
+            continue
+        reason, detail = min(notes[w], key=lambda rd: _REASON_PRIORITY.index(rd[0]))
+        excluded.append(ExcludedWeight(path, reason, detail))
+    return relations, excluded
