@@ -31,10 +31,10 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from _timing import fmt_bytes, fmt_time, measure, ratio, time_calls
 
 import eqtrace
 import eqtrace.nn as enn
-from _timing import fmt_bytes, fmt_time, measure, ratio, time_calls
 
 
 N_IN, N_OUT = 32, 10

@@ -29,10 +29,10 @@ import warnings
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-
-import eqtrace.nn as enn
 from _timing import compile_s, fmt_bytes, fmt_time, measure, ratio, time_calls
 from bench_d_rtrl import make_fns, make_problem, N_IN, N_OUT, Net
+
+import eqtrace.nn as enn
 
 
 ALGOS = ("es_d_rtrl", "d_rtrl", "bptt", "forward")
@@ -155,7 +155,9 @@ def run_braintrace(args, eq_results):
                 net = BTNet(cell, N_IN, n, N_OUT)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    learner = braintrace.compile(net, braintrace.pp_prop, xs[0], batch_size=batch, decay_or_rank=0.9)
+                    learner = braintrace.compile(
+                        net, braintrace.pp_prop, xs[0], batch_size=batch, decay_or_rank=0.9
+                    )
 
                 def make_grad(learner):
                     def step_loss(x, y):
@@ -173,8 +175,17 @@ def run_braintrace(args, eq_results):
                 first = time.perf_counter() - t0
                 bt, nrep = time_calls(lambda g=grad, a=xs, b=targets: g(a, b), **reps)
                 es, bp = eq[key]["es_d_rtrl"]["time_s"], eq[key]["bptt"]["time_s"]
-                rec = {"cell": cell, "n": n, "batch": batch, "T": T, "braintrace_s": bt,
-                       "braintrace_first_call_s": first, "eqtrace_s": es, "eqtrace_bptt_s": bp, "reps": nrep}
+                rec = {
+                    "cell": cell,
+                    "n": n,
+                    "batch": batch,
+                    "T": T,
+                    "braintrace_s": bt,
+                    "braintrace_first_call_s": first,
+                    "eqtrace_s": es,
+                    "eqtrace_bptt_s": bp,
+                    "reps": nrep,
+                }
                 print(
                     f"braintrace pp_prop {cell} n={n} B={batch}: {fmt_time(bt)} (first call {first:.1f}s), "
                     f"eqtrace ES {fmt_time(es)}, eqtrace/braintrace {ratio(es, bt)}",
@@ -186,7 +197,8 @@ def run_braintrace(args, eq_results):
 
 def bt_table(rows):
     lines = [
-        "| cell | n | B | T | eqtrace ES-D-RTRL | braintrace pp_prop | eqtrace/braintrace | eqtrace BPTT | braintrace pp_prop / eqtrace BPTT |",
+        "| cell | n | B | T | eqtrace ES-D-RTRL | braintrace pp_prop | eqtrace/braintrace | eqtrace BPTT "
+        "| braintrace pp_prop / eqtrace BPTT |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -205,7 +217,9 @@ def main():
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--min-reps", type=int, default=3, help="timed calls at least (after one warm-up)")
     p.add_argument("--max-reps", type=int, default=7, help="timed calls at most")
-    p.add_argument("--min-time", type=float, default=1.5, help="keep timing (up to --max-reps) for this many s")
+    p.add_argument(
+        "--min-time", type=float, default=1.5, help="keep timing (up to --max-reps) for this many s"
+    )
     p.add_argument("--no-braintrace", action="store_true", help="skip the braintrace comparison")
     p.add_argument("--braintrace-only", action="store_true", help="only the braintrace comparison")
     args = p.parse_args()

@@ -352,4 +352,6 @@ def test_states_of_one_group_must_share_a_shape():
             return v, (v, 0.5 * a)
 
     with pytest.raises(ValueError, match=r"evolve together.*\(0,\): float64\[3\], \(1,\): float64\[\]"):
-        eqtrace.compile_etrace_graph(Broadcasts(jnp.ones((2, 3))), jnp.zeros(2), (jnp.zeros(3), jnp.zeros(())))
+        eqtrace.compile_etrace_graph(
+            Broadcasts(jnp.ones((2, 3))), jnp.zeros(2), (jnp.zeros(3), jnp.zeros(()))
+        )
