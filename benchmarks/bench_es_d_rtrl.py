@@ -24,12 +24,10 @@ import json
 import platform
 import sys
 import time
-import warnings
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
-from _timing import compile_s, fmt_bytes, fmt_time, measure, ratio, time_calls
+from _timing import compile_s, fmt_bytes, fmt_time, measure, ratio
 from bench_d_rtrl import make_fns, make_problem, N_IN, N_OUT, Net
 
 import eqtrace.nn as enn
@@ -116,22 +114,10 @@ def table(results):
 
 def run_braintrace(args, eq_results):
     try:
-        import brainstate
-        import braintrace
+        from _braintrace import time_braintrace
     except ImportError:
         print("braintrace not importable: skipping the braintrace comparison.", flush=True)
         return None
-
-    class BTNet(brainstate.nn.Module):
-        def __init__(self, cell, n_in, n, n_out):
-            super().__init__()
-            cls = {"gru": braintrace.nn.GRUCell, "rnn": braintrace.nn.ValinaRNNCell}[cell]
-            kw = {"activation": "tanh"} if cell == "rnn" else {}
-            self.rnn = cls(n_in, n, **kw)
-            self.out = braintrace.nn.Linear(n, n_out)
-
-        def update(self, x):
-            return self.out(self.rnn(x))
 
     reps = {"min_reps": args.min_reps, "max_reps": args.max_reps, "min_time": args.min_time}
     eq = {(r["cell"], r["n"], r["batch"], r["T"]): r for r in eq_results}
@@ -150,30 +136,9 @@ def run_braintrace(args, eq_results):
                         for a in ("es_d_rtrl", "bptt")
                     }
                 _, _, xs, targets = make_problem(cell, n, batch, T)
-                xs, targets = jnp.swapaxes(xs, 0, 1), jnp.swapaxes(targets, 0, 1)  # (T, B, ...)
-                brainstate.random.seed(0)
-                net = BTNet(cell, N_IN, n, N_OUT)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    learner = braintrace.compile(
-                        net, braintrace.pp_prop, xs[0], batch_size=batch, decay_or_rank=0.9
-                    )
-
-                def make_grad(learner):
-                    def step_loss(x, y):
-                        return jnp.mean((learner(x) - y) ** 2)
-
-                    @brainstate.transform.jit
-                    def _grad(seq_x, seq_y):
-                        return learner.etrace_grad(seq_x, seq_y, step_fn=step_loss, return_value=True)
-
-                    return _grad
-
-                grad = make_grad(learner)
-                t0 = time.perf_counter()
-                jax.block_until_ready(grad(xs, targets))
-                first = time.perf_counter() - t0
-                bt, nrep = time_calls(lambda g=grad, a=xs, b=targets: g(a, b), **reps)
+                bt, first, nrep = time_braintrace(
+                    cell, N_IN, n, N_OUT, xs, targets, "pp_prop", reps, decay_or_rank=0.9
+                )
                 es, bp = eq[key]["es_d_rtrl"]["time_s"], eq[key]["bptt"]["time_s"]
                 rec = {
                     "cell": cell,
