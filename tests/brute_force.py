@@ -182,7 +182,7 @@ def memory_as_traces(graph, memory, model):
         if not rel.position_diagonal:
             continue
         w = weights[index[rel.weight_path]]
-        for group in rel.hidden_groups:
+        for group in [g for g in rel.hidden_groups if g.recurrent]:
             pn = group.num_positions
             ln = w.size // pn
             ks = [k for k, p in enumerate(paths) if p in group.hidden_paths]
@@ -247,7 +247,9 @@ def output_traces(graph, memory):
     offsets, _ = _layout(graph)
     paths = graph.hidden_perturb.hidden_paths
     traces, off_diagonal = [], 0.0
-    eqn_groups = {r.eqn_index: r.hidden_groups for r in graph.hidden_param_op_relations}
+    eqn_groups = {
+        r.eqn_index: [g for g in r.hidden_groups if g.recurrent] for r in graph.hidden_param_op_relations
+    }
     for e in sorted(eqn_groups):
         for group in eqn_groups[e]:
             pn = group.num_positions

@@ -124,6 +124,8 @@ def test_every_cell_compiles_with_one_group_and_every_weight_accounted(cell_cls,
     assert len(graph.hidden_groups) == 1
     assert set(graph.hidden_groups[0].hidden_paths) == {(0, p) for p in paths}
     assert graph.hidden_groups[0].position_wise
+    # Only the Elman cell reaches its next state through its weights alone (D = 0).
+    assert graph.hidden_groups[0].recurrent == (cell_cls is not enn.VanillaRNNCell)
     assert _accounted(graph) == weights
     assert graph.hidden_param_op_relations
 

@@ -239,6 +239,10 @@ def test_d_rtrl_equals_brute_force_reference_per_step(name):
         assert_tree_allclose(list(traces.eps), ref_traces)
         assert_tree_allclose(traces.state, ref_state)
     assert graph.hidden_param_op_relations, name
+    # A group without recurrence outside ETP ops keeps no trace (its history term is zero).
+    assert len(traces.eps) == sum(
+        g.recurrent and r.position_diagonal for r in graph.hidden_param_op_relations for g in r.hidden_groups
+    )
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

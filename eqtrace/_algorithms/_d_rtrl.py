@@ -40,6 +40,7 @@ def traced_pairs(graph: ETraceGraph) -> list[tuple[int, int]]:
         for r, rel in enumerate(graph.hidden_param_op_relations)
         if rel.position_diagonal
         for g in rel.hidden_groups
+        if g.recurrent
     ]
 
 

@@ -38,10 +38,12 @@ class ESDRTRLTraces(eqx.Module):
 
 
 def _traced_eqns(graph: ETraceGraph) -> list[tuple[int, tuple[int, ...]]]:
-    """The ETP equations in some relation, each with the indices of the groups it reaches."""
+    """The ETP equations in some relation, each with the indices of the recurrent groups it reaches."""
     groups: dict[int, tuple[int, ...]] = {}
     for rel in graph.hidden_param_op_relations:
-        groups[rel.eqn_index] = tuple(g.index for g in rel.hidden_groups)
+        recurrent = tuple(g.index for g in rel.hidden_groups if g.recurrent)
+        if recurrent:  # without recurrence, the history term is zero
+            groups[rel.eqn_index] = recurrent
     return sorted(groups.items())
 
 

@@ -59,6 +59,10 @@ class HiddenGroup:
     - `position_wise`: `True` when, holding the outputs of ETP operations fixed, each new state
       depends on the old states at its own position only; then the per-position `S×S` Jacobian
       blocks are the whole hidden Jacobian. `False` when a non-ETP operation mixes positions.
+    - `recurrent`: `False` when no new state depends on an old one except through ETP operations
+      (a vanilla RNN: `h' = tanh(W [x; h])`). Then `D = ∂h_t/∂h_{t-1} = 0` with ETP outputs held
+      fixed, every trace of the group would stay at its same-step value, and the algorithms keep
+      none: its weights get their exact same-step gradient.
     """
 
     index: int
@@ -66,6 +70,7 @@ class HiddenGroup:
     varshape: tuple[int, ...]
     dtype: jnp.dtype
     position_wise: bool = True
+    recurrent: bool = True
 
     @property
     def num_state(self) -> int:

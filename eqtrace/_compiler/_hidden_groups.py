@@ -34,15 +34,15 @@ def find_hidden_groups(jaxpr, hidden_in, hidden_out, hidden_paths, hidden_avals,
                 f"{got}. States of one group need one shape, so that each position has an S×S "
                 "Jacobian block."
             )
-        position_wise = all(
-            flag for i in ms for h, flag in deps.get(hidden_out[i], {}).items() if h in traced_set
-        )
+        own = [(h, flag) for i in ms for h, flag in deps.get(hidden_out[i], {}).items() if h in traced_set]
+        position_wise = all(flag for _, flag in own)
         group = HiddenGroup(
             index=idx,
             hidden_paths=tuple(hidden_paths[i] for i in ms),
             varshape=tuple(hidden_avals[ms[0]].shape),
             dtype=jnp.dtype(hidden_avals[ms[0]].dtype),
             position_wise=position_wise,
+            recurrent=bool(own),
         )
         groups.append(group)
 

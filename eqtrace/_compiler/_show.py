@@ -21,6 +21,8 @@ def format_graph(graph: ETraceGraph) -> str:
     ]
     for g in graph.hidden_groups:
         kind = "position-wise" if g.position_wise else "mixes positions (dense Jacobian diagonal)"
+        if not g.recurrent:
+            kind = "no recurrence outside ETP ops (D = 0: same-step gradients only)"
         lines.append(
             f"  [{g.index}] {_plural(g.num_state, 'state')} of shape {g.varshape}, {g.dtype}; {kind}"
         )
