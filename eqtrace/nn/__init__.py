@@ -25,6 +25,7 @@ from ._rnn_cells import (
     VanillaRNNState as VanillaRNNState,
 )
 from ._spiking_layers import (
+    AbstractSpikingLayer as AbstractSpikingLayer,
     FeedForwardSpikingLayer as FeedForwardSpikingLayer,
     RecurrentSpikingLayer as RecurrentSpikingLayer,
 )

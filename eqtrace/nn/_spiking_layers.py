@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
@@ -29,17 +31,15 @@ def _make_neuron(neuron, hidden_size: int, dtype, where: str) -> AbstractNeuron:
     return neuron
 
 
-class FeedForwardSpikingLayer(eqx.Module):
-    r"""Spiking neurons driven by a dense map of the input: $V_t = f(V_{t-1}, x_t W + b)$.
-
-    Fields `W` (a [`eqtrace.nn.Linear`][]) and `neuron`. `layer(x, state) -> new_state`, the state
-    being the neuron's; `layer.spike(state)` gives the spikes.
-    """
+class AbstractSpikingLayer(eqx.Module):
+    """Spiking neurons driven by a [`eqtrace.nn.Linear`][] map `W`: `layer(x, state) -> new_state`,
+    the state being the neuron's; `layer.spike(state)` gives the spikes."""
 
     W: Linear
     neuron: AbstractNeuron
     in_size: int = eqx.field(static=True)
     hidden_size: int = eqx.field(static=True)
+    recurrent: eqx.AbstractClassVar[bool]
 
     def __init__(
         self,
@@ -61,11 +61,13 @@ class FeedForwardSpikingLayer(eqx.Module):
         - `dtype`: floating dtype of the parameters and state; JAX's default if `None`.
         - `key`: a `jax.random` key for `W`.
         """
-        check_positive_int(in_size, "in_size", "FeedForwardSpikingLayer")
-        check_positive_int(hidden_size, "hidden_size", "FeedForwardSpikingLayer")
-        dtype = canonical_dtype(dtype, "FeedForwardSpikingLayer")
-        self.neuron = _make_neuron(neuron, hidden_size, dtype, "FeedForwardSpikingLayer")
-        self.W = Linear(in_size, hidden_size, use_bias, dtype=dtype, key=key)
+        where = type(self).__name__
+        check_positive_int(in_size, "in_size", where)
+        check_positive_int(hidden_size, "hidden_size", where)
+        dtype = canonical_dtype(dtype, where)
+        self.neuron = _make_neuron(neuron, hidden_size, dtype, where)
+        n_w = in_size + hidden_size if self.recurrent else in_size
+        self.W = Linear(n_w, hidden_size, use_bias, dtype=dtype, key=key)
         self.in_size = in_size
         self.hidden_size = hidden_size
 
@@ -79,7 +81,9 @@ class FeedForwardSpikingLayer(eqx.Module):
 
         The neuron's new state.
         """
-        check_current("FeedForwardSpikingLayer", x, self.in_size, self.W.weight.dtype)
+        check_current(type(self).__name__, x, self.in_size, self.W.weight.dtype)
+        if self.recurrent:
+            x = jnp.concatenate([x, self.neuron.spike(state)], axis=-1)
         return self.neuron(self.W(x), state)
 
     def spike(self, state: eqx.Module) -> Float[Array, " hidden_size"]:
@@ -97,7 +101,16 @@ class FeedForwardSpikingLayer(eqx.Module):
         return self.neuron.init_state()
 
 
-class RecurrentSpikingLayer(eqx.Module):
+class FeedForwardSpikingLayer(AbstractSpikingLayer):
+    r"""Spiking neurons driven by a dense map of the input: $V_t = f(V_{t-1}, x_t W + b)$.
+
+    Fields `W` (a [`eqtrace.nn.Linear`][] from `in_size` to `hidden_size`) and `neuron`.
+    """
+
+    recurrent: ClassVar[bool] = False
+
+
+class RecurrentSpikingLayer(AbstractSpikingLayer):
     r"""Recurrently connected spiking neurons:
 
     $$V_t = f\bigl(V_{t-1},\, [x_t;\, s_{t-1}]\, W + b\bigr), \qquad s_{t-1} = \mathrm{spike}(V_{t-1}),$$
@@ -106,63 +119,4 @@ class RecurrentSpikingLayer(eqx.Module):
     neuron's update. The state is the neuron's; the previous spikes are recomputed from it.
     """
 
-    W: Linear
-    neuron: AbstractNeuron
-    in_size: int = eqx.field(static=True)
-    hidden_size: int = eqx.field(static=True)
-
-    def __init__(
-        self,
-        in_size: int,
-        hidden_size: int,
-        *,
-        neuron: str | AbstractNeuron = "lif",
-        use_bias: bool = True,
-        dtype=None,
-        key: PRNGKeyArray,
-    ):
-        """**Arguments:**
-
-        - `in_size`: size of the input vector.
-        - `hidden_size`: number of neurons.
-        - `neuron`: `'lif'`, `'alif'` (with default parameters) or a neuron instance of size
-          `hidden_size`.
-        - `use_bias`: whether `W` has a bias.
-        - `dtype`: floating dtype of the parameters and state; JAX's default if `None`.
-        - `key`: a `jax.random` key for `W`.
-        """
-        check_positive_int(in_size, "in_size", "RecurrentSpikingLayer")
-        check_positive_int(hidden_size, "hidden_size", "RecurrentSpikingLayer")
-        dtype = canonical_dtype(dtype, "RecurrentSpikingLayer")
-        self.neuron = _make_neuron(neuron, hidden_size, dtype, "RecurrentSpikingLayer")
-        self.W = Linear(in_size + hidden_size, hidden_size, use_bias, dtype=dtype, key=key)
-        self.in_size = in_size
-        self.hidden_size = hidden_size
-
-    def __call__(self, x: Float[Array, " in_size"], state: eqx.Module) -> eqx.Module:
-        """**Arguments:**
-
-        - `x`: input, shape `(in_size,)`.
-        - `state`: the neuron's previous state.
-
-        **Returns:**
-
-        The neuron's new state.
-        """
-        check_current("RecurrentSpikingLayer", x, self.in_size, self.W.weight.dtype)
-        previous = self.neuron.spike(state)
-        return self.neuron(self.W(jnp.concatenate([x, previous], axis=-1)), state)
-
-    def spike(self, state: eqx.Module) -> Float[Array, " hidden_size"]:
-        """**Returns:**
-
-        The spikes of `state`.
-        """
-        return self.neuron.spike(state)
-
-    def init_state(self) -> eqx.Module:
-        """**Returns:**
-
-        The neuron's resting state.
-        """
-        return self.neuron.init_state()
+    recurrent: ClassVar[bool] = True
