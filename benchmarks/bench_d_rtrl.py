@@ -106,10 +106,10 @@ def make_fns(model, online=("d_rtrl",)):
     return params, {**{a: online_fn(a) for a in online}, "bptt": bptt, "forward": forward}
 
 
-def grid(quick):
+def grid(quick, cells=("gru", "rnn")):
     """(cell, n, batch, T, run): `run=False` means memory/compile only."""
     out = []
-    for cell in ("gru", "rnn"):
+    for cell in cells:
         if quick:
             for batch in (1, 32):
                 out.append((cell, 64, batch, 100, True))
@@ -125,7 +125,7 @@ def grid(quick):
 def run_eqtrace(args):
     reps = {"min_reps": args.min_reps, "max_reps": args.max_reps, "min_time": args.min_time}
     results = []
-    for cell, n, batch, T, run in grid(args.quick):
+    for cell, n, batch, T, run in grid(args.quick, args.cells.split(",")):
         model, states, xs, targets = make_problem(cell, n, batch, T)
         params, fns = make_fns(model)
         row = {"cell": cell, "n": n, "batch": batch, "T": T}
@@ -177,7 +177,8 @@ def run_braintrace(args, eq_results):
     reps = {"min_reps": args.min_reps, "max_reps": args.max_reps, "min_time": args.min_time}
     eq_time = {(r["cell"], r["n"], r["batch"], r["T"]): r["d_rtrl"]["time_s"] for r in eq_results}
     T = 100
-    sizes = [(c, n, b) for c in ("gru", "rnn") for n in ((64,) if args.quick else (64, 256)) for b in (1, 32)]
+    cells = args.cells.split(",")
+    sizes = [(c, n, b) for c in cells for n in ((64,) if args.quick else (64, 256)) for b in (1, 32)]
     out = []
     for cell, n, batch in sizes:
         _, _, xs, targets = make_problem(cell, n, batch, T)
@@ -223,6 +224,7 @@ def bt_table(rows):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="n=64, B in {1,32}; T=100 timed, T=1000 memory only")
+    p.add_argument("--cells", default="gru,rnn", help="comma-separated subset of gru,rnn")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--min-reps", type=int, default=5, help="timed calls at least (after one warm-up)")
     p.add_argument("--max-reps", type=int, default=10, help="timed calls at most")
