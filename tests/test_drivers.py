@@ -238,3 +238,20 @@ def test_bad_sequences_and_traces():
         eqtrace.es_d_rtrl_step(graph, model, wrong, xs[0], ts[0], mse)
     with pytest.raises(ValueError, match=r"`params` does not have the structure"):
         eqtrace.d_rtrl_init(graph, SingleLayerRNN(3, 4, 2, key=jax.random.key(20)), model.init_state())
+
+
+def test_graphs_are_compiled_once_per_structure():
+    from eqtrace._algorithms import _drivers
+
+    model = SingleLayerRNN(3, 4, 2, key=jax.random.key(21))
+    first = _drivers.graph_for(model, jnp.zeros(3), model.init_state())
+    again = _drivers.graph_for(
+        SingleLayerRNN(3, 4, 2, key=jax.random.key(22)), jnp.ones(3), model.init_state()
+    )
+    other = _drivers.graph_for(
+        SingleLayerRNN(3, 5, 2, key=jax.random.key(23)),
+        jnp.zeros(3),
+        {"rnn": eqtrace.nn.VanillaRNNState(h=jnp.zeros(5))},
+    )
+    assert again is first and other is not first
+    assert len(_drivers._GRAPHS) <= _drivers._MAX_GRAPHS

@@ -1,5 +1,6 @@
 """Drivers: scan an online algorithm over a sequence, and average over a batch."""
 
+import collections
 from collections.abc import Callable
 
 import equinox as eqx
@@ -22,7 +23,8 @@ ALGORITHMS: dict[str, tuple[Callable, Callable]] = {
 # traces are per example anyway, and measured faster that way.
 BATCH_NATIVE = frozenset({"es_d_rtrl"})
 
-_GRAPHS: dict = {}
+_GRAPHS: collections.OrderedDict = collections.OrderedDict()  # least recently used first
+_MAX_GRAPHS = 64
 
 
 def graph_for(model, x, state) -> ETraceGraph:
@@ -32,10 +34,13 @@ def graph_for(model, x, state) -> ETraceGraph:
     """
     dynamic, static = eqx.partition((model, x, state), eqx.is_array)
     leaves, treedef = jtu.tree_flatten(dynamic)
-    key = (treedef, static, tuple((tuple(a.shape), np.dtype(a.dtype)) for a in leaves))
+    static_leaves, static_def = jtu.tree_flatten(static)
+    shapes = tuple((tuple(a.shape), np.dtype(a.dtype)) for a in leaves)
+    key = (treedef, static_def, tuple(static_leaves), shapes)
     try:
+        _GRAPHS.move_to_end(key)
         return _GRAPHS[key]
-    except TypeError:  # an unhashable static part: compile without caching
+    except TypeError:  # an unhashable static value: compile without caching
         key = None
     except KeyError:
         pass
@@ -44,6 +49,8 @@ def graph_for(model, x, state) -> ETraceGraph:
         graph = compile_etrace_graph(*eqx.combine(jtu.tree_unflatten(treedef, concrete), static))
     if key is not None:
         _GRAPHS[key] = graph
+        if len(_GRAPHS) > _MAX_GRAPHS:
+            _GRAPHS.popitem(last=False)
     return graph
 
 
