@@ -19,11 +19,11 @@ class StepLinearisation(eqx.Module):
     - `y`, `new_state`, `loss`: the step's output, new state pytree and loss.
     - `grads`: exact same-step gradient of the loss for every inexact weight leaf (flat, `None`
       for the others): `∂L_t/∂θ` with `h_{t-1}` held fixed.
-    - `delta`: per hidden group, `∂L_t/∂h_t` stacked on a trailing state axis (`varshape + (S,)`).
-    - `operands`, `outputs`: per ETP equation index, its operands and output.
+    - `operands`: per ETP equation index, its operands.
     - `d_total`: per group, the blocks `∂h_t/∂h_{t-1}` (`varshape + (S, S)`, `[..., s, c]`).
-    - `signal`: per group, the learning signal carried one step back through the group's own
-      dynamics, `λ[..., c] = Σ_s δ[..., s] ∂h_t[..., s]/∂h_{t-1}[..., c]`, where the Jacobian holds
+    - `signal`: per group, the learning signal `δ = ∂L_t/∂h_t` (read at the perturbation points)
+      carried one step back through the group's own dynamics,
+      `λ[..., c] = Σ_s δ[..., s] ∂h_t[..., s]/∂h_{t-1}[..., c]`, where the Jacobian holds
       the step's other new hidden values fixed (their paths are already in `δ`): so the gradient's
       history term is `λ · ∂h_{t-1}/∂W`.
     - `d_f`: per relation equation index and group index, `∂h_t/∂y` (`varshape + (S,)`).
@@ -33,9 +33,7 @@ class StepLinearisation(eqx.Module):
     new_state: object
     loss: jax.Array
     grads: list
-    delta: tuple
     operands: dict
-    outputs: dict
     d_total: tuple
     signal: tuple
     d_f: dict
@@ -139,7 +137,7 @@ def linearise_step(
     jacobians = lambda xs, hidden, outputs: _jacobians(graph, weights, xs, hidden, outputs)  # noqa: E731
     d_total, d_local, d_f = (jax.vmap(jacobians) if batched else jacobians)(xs, hidden, outputs)
     signal = tuple(jnp.einsum("...s,...sc->...c", dl, d) for dl, d in zip(delta, d_local))
-    return StepLinearisation(y, new_state, loss, grads, delta, operands, outputs, d_total, signal, d_f)
+    return StepLinearisation(y, new_state, loss, grads, operands, d_total, signal, d_f)
 
 
 def _jacobians(graph: ETraceGraph, weights: list, xs: list, hidden: list, outputs: dict):

@@ -1,6 +1,6 @@
 """Text, Mermaid and Graphviz renderings of an `ETraceGraph`."""
 
-from ._graph import ETraceGraph, EXCLUSION_REASONS, Path
+from ._graph import ETraceGraph, Path
 
 
 def _p(path: Path) -> str:
@@ -67,22 +67,18 @@ def show_graph(graph: ETraceGraph) -> None:
     print(format_graph(graph))
 
 
-def _id(prefix: str, i: int) -> str:
-    return f"{prefix}{i}"
-
-
 def _edges(graph: ETraceGraph):
     """Nodes and edges shared by the Mermaid and DOT renderings."""
     weights = {}
     ops = {}
     edges = []
     for r in graph.hidden_param_op_relations:
-        w = weights.setdefault(r.weight_path, _id("w", len(weights)))
-        o = ops.setdefault(r.eqn_index, (_id("op", len(ops)), r.primitive.name))[0]
-        edges.append((w, o, ""))
+        w = weights.setdefault(r.weight_path, f"w{len(weights)}")
+        o = ops.setdefault(r.eqn_index, (f"op{len(ops)}", r.primitive.name))[0]
+        edges.append((w, o))
         for g in r.hidden_groups:
-            edges.append((o, _id("g", g.index), ""))
-    excluded = {w.weight_path: (_id("x", i), w.reason) for i, w in enumerate(graph.excluded_weights)}
+            edges.append((o, f"g{g.index}"))
+    excluded = {w.weight_path: (f"x{i}", w.reason) for i, w in enumerate(graph.excluded_weights)}
     return weights, ops, sorted(set(edges)), excluded
 
 
@@ -96,7 +92,7 @@ def graph_to_mermaid(graph: ETraceGraph) -> str:
     for g in graph.hidden_groups:
         paths = "<br/>".join(_p(p) for p in g.hidden_paths)
         lines.append(f'    g{g.index}(["group {g.index}<br/>{paths}"])')
-    for a, b, _ in edges:
+    for a, b in edges:
         lines.append(f"    {a} --> {b}")
     for path, (node, reason) in excluded.items():
         lines.append(f'    {node}["{_p(path)}<br/><i>{reason}</i>"]:::excluded')
@@ -114,12 +110,9 @@ def graph_to_dot(graph: ETraceGraph) -> str:
     for g in graph.hidden_groups:
         paths = "\\n".join(_p(p) for p in g.hidden_paths)
         lines.append(f'    g{g.index} [shape=ellipse, label="group {g.index}\\n{paths}"];')
-    for a, b, _ in edges:
+    for a, b in edges:
         lines.append(f"    {a} -> {b};")
     for path, (node, reason) in excluded.items():
         lines.append(f'    {node} [shape=box, style=dashed, label="{_p(path)}\\n{reason}"];')
     lines.append("}")
     return "\n".join(lines)
-
-
-__all__ = ["EXCLUSION_REASONS", "format_graph", "graph_to_dot", "graph_to_mermaid", "show_graph"]
