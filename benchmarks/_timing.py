@@ -1,6 +1,11 @@
 """Shared helpers for the benchmarks: timing, compile time, XLA memory, and formatting."""
 
+import argparse
+import json
+import os
+import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -67,3 +72,51 @@ def ratio(a, b):
 
 def compile_s(rec):
     return rec["lower_s"] + rec["compile_s"]
+
+
+def benchmark_main(description, *, cells, quick_help, reps, run_eqtrace, table, run_braintrace, bt_table):
+    """The command line shared by the benchmark scripts: parse the options, print the machine, run
+    eqtrace's grid and (unless told not to) braintrace's, print both tables, write `--out`."""
+    import equinox as eqx
+
+    min_reps, max_reps, min_time = reps
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--cells", default=cells, help=f"comma-separated subset of {cells}")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--min-reps", type=int, default=min_reps, help="timed calls at least (after one warm-up)")
+    p.add_argument("--max-reps", type=int, default=max_reps, help="timed calls at most")
+    p.add_argument(
+        "--min-time", type=float, default=min_time, help="keep timing (up to --max-reps) for this many s"
+    )
+    p.add_argument("--no-braintrace", action="store_true", help="skip the braintrace comparison")
+    p.add_argument("--braintrace-only", action="store_true", help="only the braintrace comparison")
+    args = p.parse_args()
+
+    meta = {
+        "jax": jax.__version__,
+        "eqx": eqx.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "quick": args.quick,
+    }
+    print(json.dumps(meta), flush=True)
+    t0 = time.perf_counter()
+    results = [] if args.braintrace_only else run_eqtrace(args)
+    meta["eqtrace_grid_s"] = time.perf_counter() - t0
+    if results:
+        print(f"\neqtrace grid took {meta['eqtrace_grid_s']:.0f}s\n")
+        print(table(results))
+    bt = None
+    if not args.no_braintrace:
+        bt = run_braintrace(args, results)
+        if bt:
+            print()
+            print(bt_table(bt))
+    meta["total_s"] = time.perf_counter() - t0
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "eqtrace": results, "braintrace": bt}, f, indent=1)

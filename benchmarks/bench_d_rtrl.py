@@ -22,16 +22,12 @@ braintrace==0.2.6`, then run this script there with eqtrace on `PYTHONPATH`), a 
 times braintrace's `D_RTRL` (`braintrace.compile(...).etrace_grad`) on the same sizes.
 """
 
-import argparse
-import json
-import platform
-import sys
 import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from _timing import fmt_bytes, fmt_time, measure, ratio
+from _timing import benchmark_main, fmt_bytes, fmt_time, measure, ratio
 
 import eqtrace
 import eqtrace.nn as enn
@@ -222,47 +218,16 @@ def bt_table(rows):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="n=64, B in {1,32}; T=100 timed, T=1000 memory only")
-    p.add_argument("--cells", default="gru,rnn", help="comma-separated subset of gru,rnn")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--min-reps", type=int, default=5, help="timed calls at least (after one warm-up)")
-    p.add_argument("--max-reps", type=int, default=10, help="timed calls at most")
-    p.add_argument(
-        "--min-time", type=float, default=2.0, help="keep timing (up to --max-reps) for this many s"
+    benchmark_main(
+        __doc__.splitlines()[0],
+        cells="gru,rnn",
+        quick_help="n=64, B in {1,32}; T=100 timed, T=1000 memory only",
+        reps=(5, 10, 2.0),
+        run_eqtrace=run_eqtrace,
+        table=table,
+        run_braintrace=run_braintrace,
+        bt_table=bt_table,
     )
-    p.add_argument("--no-braintrace", action="store_true", help="skip the braintrace comparison")
-    p.add_argument("--braintrace-only", action="store_true", help="only the braintrace comparison")
-    args = p.parse_args()
-
-    meta = {
-        "jax": jax.__version__,
-        "eqx": eqx.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "python": sys.version.split()[0],
-        "machine": platform.machine(),
-        "cpus": __import__("os").cpu_count(),
-        "quick": args.quick,
-    }
-    print(json.dumps(meta), flush=True)
-    t0 = time.perf_counter()
-    results = [] if args.braintrace_only else run_eqtrace(args)
-    t_eq = time.perf_counter() - t0
-    if results:
-        print(f"\neqtrace grid took {t_eq:.0f}s\n")
-        print(table(results))
-    bt = None
-    if not args.no_braintrace:
-        bt = run_braintrace(args, results)
-        if bt:
-            print()
-            print(bt_table(bt))
-    meta["eqtrace_grid_s"] = t_eq
-    meta["total_s"] = time.perf_counter() - t0
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "eqtrace": results, "braintrace": bt}, f, indent=1)
 
 
 if __name__ == "__main__":

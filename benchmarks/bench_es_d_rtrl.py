@@ -19,15 +19,11 @@ With braintrace importable (see README), a second section times braintrace 0.2.6
 `pp_prop` (= `ES_D_RTRL`, decay 0.9) on the GRU/RNN sizes at T=100.
 """
 
-import argparse
-import json
-import platform
-import sys
 import time
 
 import equinox as eqx
 import jax
-from _timing import compile_s, fmt_bytes, fmt_time, measure, ratio
+from _timing import benchmark_main, compile_s, fmt_bytes, fmt_time, measure, ratio
 from bench_d_rtrl import make_fns, make_problem, N_IN, N_OUT, Net
 
 import eqtrace.nn as enn
@@ -176,45 +172,16 @@ def bt_table(rows):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="n=64 only")
-    p.add_argument("--cells", default="gru,rnn,lif", help="comma-separated subset of gru,rnn,lif")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--min-reps", type=int, default=3, help="timed calls at least (after one warm-up)")
-    p.add_argument("--max-reps", type=int, default=7, help="timed calls at most")
-    p.add_argument(
-        "--min-time", type=float, default=1.5, help="keep timing (up to --max-reps) for this many s"
+    benchmark_main(
+        __doc__.splitlines()[0],
+        cells="gru,rnn,lif",
+        quick_help="n=64 only",
+        reps=(3, 7, 1.5),
+        run_eqtrace=run_eqtrace,
+        table=table,
+        run_braintrace=run_braintrace,
+        bt_table=bt_table,
     )
-    p.add_argument("--no-braintrace", action="store_true", help="skip the braintrace comparison")
-    p.add_argument("--braintrace-only", action="store_true", help="only the braintrace comparison")
-    args = p.parse_args()
-
-    meta = {
-        "jax": jax.__version__,
-        "eqx": eqx.__version__,
-        "backend": jax.default_backend(),
-        "python": sys.version.split()[0],
-        "machine": platform.machine(),
-        "cpus": __import__("os").cpu_count(),
-        "quick": args.quick,
-    }
-    print(json.dumps(meta), flush=True)
-    t0 = time.perf_counter()
-    results = [] if args.braintrace_only else run_eqtrace(args)
-    meta["eqtrace_grid_s"] = time.perf_counter() - t0
-    if results:
-        print(f"\neqtrace grid took {meta['eqtrace_grid_s']:.0f}s\n")
-        print(table(results))
-    bt = None
-    if not args.no_braintrace:
-        bt = run_braintrace(args, results)
-        if bt:
-            print()
-            print(bt_table(bt))
-    meta["total_s"] = time.perf_counter() - t0
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "eqtrace": results, "braintrace": bt}, f, indent=1)
 
 
 if __name__ == "__main__":
