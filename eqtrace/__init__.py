@@ -9,6 +9,12 @@ from ._algorithms import (
     es_d_rtrl_step as es_d_rtrl_step,
     ESDRTRLTraces as ESDRTRLTraces,
     online_grad as online_grad,
+    WindowBuffer as WindowBuffer,
+)
+from ._check import (
+    check_gradient as check_gradient,
+    GradientCheck as GradientCheck,
+    GradientCheckRow as GradientCheckRow,
 )
 from ._compiler import (
     compile_etrace_graph as compile_etrace_graph,

@@ -2,12 +2,15 @@
 algorithm, with the graph and the learning methods bound to it."""
 
 import abc
+import copy
+import dataclasses
 from collections.abc import Callable
 
 import equinox as eqx
 
 from ._algorithms._drivers import ALGORITHMS, online_grad
 from ._compiler import compile_etrace_graph, ETraceGraph, run_step, show_graph
+from ._compiler._run import check_graph_matches
 
 
 class CompiledAlgorithm(eqx.Module):
@@ -27,6 +30,12 @@ class CompiledAlgorithm(eqx.Module):
     name: str = eqx.field(static=True)
     options: tuple = eqx.field(static=True, default=())
 
+    def __reduce__(self):
+        return self.graph.__reduce__()  # raises: graphs are recompiled, not pickled
+
+    def __deepcopy__(self, memo) -> "CompiledAlgorithm":
+        return dataclasses.replace(self, model=copy.deepcopy(self.model, memo))
+
     def show_graph(self) -> None:
         """Print the compiled graph (see [`eqtrace.show_graph`][])."""
         show_graph(self.graph)
@@ -34,14 +43,17 @@ class CompiledAlgorithm(eqx.Module):
     def __call__(self, x, state):
         """Run one step `(y, new_state)` of the compiled model, checking `x` and `state` against the
         shapes the graph was compiled for."""
+        check_graph_matches(self.graph, self.model, x, state)
         return run_step(self.graph, self.model, x, state)
 
     def init_traces(self, state):
         """The algorithm's initial traces, carrying the hidden `state`."""
+        check_graph_matches(self.graph, self.model, state=state)
         return ALGORITHMS[self.name][0](self.graph, self.model, state, **dict(self.options))
 
     def step(self, traces, x, target, loss_fn: Callable):
         """One online step: `(traces, y, loss, grads)`, as [`eqtrace.d_rtrl_step`][]."""
+        check_graph_matches(self.graph, self.model, x, getattr(traces, "state", None))
         return ALGORITHMS[self.name][1](self.graph, self.model, traces, x, target, loss_fn)
 
     def online_grad(self, state, xs, targets, loss_fn: Callable):
@@ -73,6 +85,8 @@ class D_RTRL(_Algorithm):
     **Arguments:**
 
     - `model`: a model with `model(x, state) -> (y, new_state)` and `model.init_state()`.
+    - `window`: back-propagate each loss exactly through the last `window` steps (see
+      [`eqtrace.d_rtrl_init`][]).
 
     !!! example
 
@@ -84,9 +98,10 @@ class D_RTRL(_Algorithm):
     """
 
     model: eqx.Module
+    window: int = eqx.field(static=True, default=1)
 
     def _name_and_options(self):
-        return "d_rtrl", ()
+        return "d_rtrl", (("window", self.window),)
 
 
 class ES_D_RTRL(_Algorithm):
@@ -96,13 +111,16 @@ class ES_D_RTRL(_Algorithm):
 
     - `model`: a model with `model(x, state) -> (y, new_state)` and `model.init_state()`.
     - `decay`: the input traces' decay $\\alpha \\in [0, 1]$.
+    - `normalise`, `window`: see [`eqtrace.es_d_rtrl_init`][].
     """
 
     model: eqx.Module
     decay: float = eqx.field(static=True, default=0.9)
+    normalise: bool = eqx.field(static=True, default=True)
+    window: int = eqx.field(static=True, default=1)
 
     def _name_and_options(self):
-        return "es_d_rtrl", (("decay", self.decay),)
+        return "es_d_rtrl", (("decay", self.decay), ("normalise", self.normalise), ("window", self.window))
 
 
 pp_prop = ES_D_RTRL

@@ -27,6 +27,7 @@ INLINED_CALLS = tuple(
 )
 CUSTOM_JVP_CALL = jex_primitives.custom_jvp_call_p
 CUSTOM_VJP_CALL = jex_primitives.custom_vjp_call_p
+CUSTOM_CALLS = (CUSTOM_JVP_CALL, CUSTOM_VJP_CALL)
 REMAT = jex_primitives.remat_p
 CONTROL_FLOW = (jex_primitives.scan_p, jex_primitives.while_p, jex_primitives.cond_p)
 
@@ -66,14 +67,31 @@ def custom_call_body(eqn: JaxprEqn) -> ClosedJaxpr | None:
     return None
 
 
-def make_transparent_primitive(name: str, impl: Callable) -> Primitive:
+def under_vmaps(impl: Callable) -> Callable:
+    """`impl` with one more static parameter, `vmap_in_axes`: the `in_axes` (`0` or `None` per operand)
+    of the `jax.vmap`s the operation stands under, outermost first. Each batched operand carries its
+    batch axes in front, in that order; so does the output, one axis per level."""
+
+    def batched(*operands, vmap_in_axes: tuple = (), **params):
+        f = lambda *a: impl(*a, **params)  # noqa: E731
+        for in_axes in reversed(vmap_in_axes):
+            f = jax.vmap(f, in_axes=in_axes)
+        return f(*operands)
+
+    return batched
+
+
+def make_transparent_primitive(name: str, impl: Callable) -> tuple[Primitive, Callable]:
     """A primitive `p.bind(*operands, **params)` that computes `impl(*operands, **params)`.
 
     It is transparent: it evaluates, lowers (to `impl`'s own HLO), differentiates (JVP written in plain
-    `jnp`, so JAX derives the transpose) and batches like `impl`. `impl` must accept extra leading axes
-    on operand 0: under `vmap` with only operand 0 batched the primitive is re-bound, so the tag
-    survives; other batchings evaluate `impl` untagged.
+    `jnp`, so JAX derives the transpose) and batches like `impl`. Under `jax.vmap` it is re-bound
+    whatever operands are batched, with one more level in its `vmap_in_axes` parameter (see
+    `under_vmaps`), so the tag survives batched inputs and batched weights alike.
+
+    Returns the primitive and its implementation, `under_vmaps(impl)`.
     """
+    impl = under_vmaps(impl)
     p = Primitive(name)
     p.def_impl(impl)
 
@@ -91,14 +109,23 @@ def make_transparent_primitive(name: str, impl: Callable) -> Primitive:
 
     ad.primitive_jvps[p] = jvp
 
-    def batch(args, dims, **params):
-        if len(args) > 1 and all(d is None for d in dims[1:]):
-            x = jax.numpy.moveaxis(args[0], dims[0], 0)
-            return p.bind(x, *args[1:], **params), 0
-        return jax.vmap(lambda *a: impl(*a, **params), in_axes=tuple(dims))(*args), 0
+    def batch(args, dims, *, vmap_in_axes=(), **params):
+        args = [a if d is None else jax.numpy.moveaxis(a, d, 0) for a, d in zip(args, dims)]
+        level = tuple(None if d is None else 0 for d in dims)
+        return p.bind(*args, vmap_in_axes=(level, *vmap_in_axes), **params), 0
 
     batching.primitive_batchers[p] = batch
-    return p
+    return p, impl
+
+
+def source_location(eqn: JaxprEqn) -> str | None:
+    """Where the user's code bound `eqn`, as `file:line (function)`, when JAX recorded it."""
+    try:
+        from jax._src import source_info_util
+
+        return source_info_util.summarize(eqn.source_info)
+    except (ImportError, AttributeError):
+        return None
 
 
 def bind_equation(eqn: JaxprEqn, invals) -> list:

@@ -102,8 +102,9 @@ def _traced_hidden(graph, hidden):
 
 def _step_parts(graph, model, state, x, target, loss_fn):
     """Full Jacobians of one step: the hidden Jacobian (cut at ETP inputs, masked to same-group,
-    same-position entries) with and without the step's other new values held fixed, the learning
-    signal `δ`, and the exact same-step gradient."""
+    same-position entries), the learning signal `λ = ∂L_t/∂h_{t-1}` that multiplies the old trace
+    (by window: `0`, through the masked Jacobian with the step's other new values held fixed, plus
+    what the loss reads of `h_{t-1}` directly; `1`, exactly), and the exact same-step gradient."""
     weights, xs, hidden = flatten_step_inputs(graph, model, x, state)
     traced = _traced_hidden(graph, hidden)
     offsets, mask = _layout(graph)
@@ -126,10 +127,39 @@ def _step_parts(graph, model, state, x, target, loss_fn):
 
     delta = jax.grad(loss_of_perturbation)(jnp.zeros_like(h0))
 
-    # The exact same-step gradient, straight from the model.
+    # What the loss reads of the old state directly, not through a new hidden value.
+    def loss_of_old_hidden(flat_h):
+        h = list(hidden)
+        for k, i in enumerate(traced):
+            h[i] = flat_h[offsets[k] : offsets[k + 1]].reshape(hidden[i].shape)
+        outs, _ = _run(graph, weights, xs, h, detach=True)
+        return loss_fn(unflatten_step_outputs(graph, outs)[0], target)
+
+    direct = jax.grad(loss_of_old_hidden)(h0)
+
+    # The exact same-step gradient and `∂L_t/∂h_{t-1}`, straight from the model.
     params, static = eqx.partition(model, eqx.is_inexact_array)
     g_same = eqx.filter_grad(lambda p: loss_fn(eqx.combine(p, static)(x, state)[0], target))(params)
-    return weights, xs, hidden, offsets, j_total, j_local, delta, list(jax.tree.leaves(g_same))
+    full = jax.grad(lambda h: loss_fn(model(x, with_traced_hidden(graph, state, h))[0], target))(h0)
+    signals = {0: delta @ j_local + direct, 1: full}
+    return weights, xs, hidden, offsets, j_total, signals, list(jax.tree.leaves(g_same))
+
+
+def with_traced_hidden(graph, state, flat_h):
+    """`state` with its traced leaves read from the flat vector `flat_h`."""
+    offsets, _ = _layout(graph)
+    leaves, treedef = jax.tree.flatten(state)
+    index = {p: i for i, p in enumerate(graph.module_info.hidden_paths)}
+    for k, p in enumerate(graph.hidden_perturb.hidden_paths):
+        i = index[p]
+        leaves[i] = flat_h[offsets[k] : offsets[k + 1]].reshape(leaves[i].shape)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def traced_hidden_vector(graph, state):
+    leaves = jax.tree.leaves(state)
+    index = {p: i for i, p in enumerate(graph.module_info.hidden_paths)}
+    return _flat([leaves[index[p]] for p in graph.hidden_perturb.hidden_paths])
 
 
 def _group_rows(graph, offsets, groups, n):
@@ -140,22 +170,27 @@ def _group_rows(graph, offsets, groups, n):
     return rows
 
 
-def d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory):
-    """One step of D-RTRL from full Jacobians.
+def d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory, window=1, override=None):
+    """One step of D-RTRL (`window` 0 or 1) from full Jacobians.
 
     `memory[r]` is the approximate `∂h_{t-1}/∂W` of relation `r` as a full (hidden × weight) matrix.
     Returns `(new_memory, grads, new_state)`; `grads` as a flat list over the weight leaves.
+    `override = (signal, grads)` replaces this step's learning signal and exact gradient (see
+    `window_reference`).
     """
-    weights, xs, hidden, offsets, j_total, j_local, delta, grads = _step_parts(
+    weights, xs, hidden, offsets, j_total, signals, grads = _step_parts(
         graph, model, state, x, target, loss_fn
     )
+    signal = signals[window]
+    if override is not None:
+        signal, grads = override
     index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
     new_memory = {}
     for r, rel in enumerate(graph.hidden_param_op_relations):
         if not rel.position_diagonal:
             continue
         w = weights[index[rel.weight_path]]
-        rows = _group_rows(graph, offsets, rel.hidden_groups, len(delta))
+        rows = _group_rows(graph, offsets, rel.hidden_groups, len(signal))
 
         def q_of_weight(wv):
             over = {(rel.eqn_index, rel.operand_index): wv.reshape(w.shape)}
@@ -164,7 +199,7 @@ def d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory):
         instant = jnp.where(rows[:, None], jax.jacfwd(q_of_weight)(jnp.ravel(w)), 0.0)
         old = memory.get(r, jnp.zeros_like(instant))
         g = index[rel.weight_path]
-        grads[g] = grads[g] + (delta @ j_local @ old).reshape(w.shape)
+        grads[g] = grads[g] + (signal @ old).reshape(w.shape)
         new_memory[r] = j_total @ old + instant
     new_state = model(x, state)[1]
     return new_memory, grads, new_state
@@ -182,7 +217,7 @@ def memory_as_traces(graph, memory, model):
         if not rel.position_diagonal:
             continue
         w = weights[index[rel.weight_path]]
-        for group in [g for g in rel.hidden_groups if g.recurrent]:
+        for group in rel.hidden_groups:
             pn = group.num_positions
             ln = w.size // pn
             ks = [k for k, p in enumerate(paths) if p in group.hidden_paths]
@@ -195,25 +230,32 @@ def memory_as_traces(graph, memory, model):
     return traces, off_diagonal
 
 
-def es_d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory, decay):
-    """One step of ES-D-RTRL from full Jacobians.
+def es_d_rtrl_reference_step(
+    graph, model, state, x, target, loss_fn, memory, decay, window=1, normalise=True, override=None
+):
+    """One step of ES-D-RTRL (`window` 0 or 1) from full Jacobians.
 
-    `memory["x"][e]` is the input trace of ETP equation `e`; `memory["f"][e]` its output trace as a
-    full (hidden × output) matrix. Returns `(new_memory, grads, new_state)`.
+    `memory["x"][e]` is the input trace of ETP equation `e` (a sum of `decay`-weighted inputs),
+    `memory["w"]` the sum of their weights, `memory["f"][e]` its output trace as a full
+    (hidden × output) matrix. Returns `(new_memory, grads, new_state)`.
     """
-    weights, xs, hidden, offsets, j_total, j_local, delta, grads = _step_parts(
+    weights, xs, hidden, offsets, j_total, signals, grads = _step_parts(
         graph, model, state, x, target, loss_fn
     )
+    signal = signals[window]
+    if override is not None:
+        signal, grads = override
+    weight = memory.get("w", 0.0)
     index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
     record = {}
     _run(graph, weights, xs, hidden, record=record)
     eqns = graph.module_info.closed_jaxpr.jaxpr.eqns
-    new = {"x": {}, "f": {}}
+    new = {"x": {}, "f": {}, "w": decay * weight + 1.0}
     for e in sorted({r.eqn_index for r in graph.hidden_param_op_relations}):
         rels = [r for r in graph.hidden_param_op_relations if r.eqn_index == e]
         op = etp_op_of(eqns[e].primitive)
         y = eqns[e].outvars[0].aval
-        rows = _group_rows(graph, offsets, rels[0].hidden_groups, len(delta))
+        rows = _group_rows(graph, offsets, rels[0].hidden_groups, len(signal))
 
         def q_of_y(dy):
             return _flat(_run(graph, weights, xs, hidden, cut=True, y_add={e: dy.reshape(y.shape)})[1])
@@ -224,8 +266,8 @@ def es_d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory, de
         if op.has_input:
             x_old = memory["x"].get(e, jnp.zeros_like(operands[0]))
             new["x"][e] = decay * x_old + operands[0]
-            operands[0] = x_old
-        cot = delta @ j_local @ f_old
+            operands[0] = x_old / max(weight, 1.0) if normalise else x_old
+        cot = signal @ f_old
         for rel in rels:
             j = rel.operand_index
 
@@ -247,9 +289,7 @@ def output_traces(graph, memory):
     offsets, _ = _layout(graph)
     paths = graph.hidden_perturb.hidden_paths
     traces, off_diagonal = [], 0.0
-    eqn_groups = {
-        r.eqn_index: [g for g in r.hidden_groups if g.recurrent] for r in graph.hidden_param_op_relations
-    }
+    eqn_groups = {r.eqn_index: list(r.hidden_groups) for r in graph.hidden_param_op_relations}
     for e in sorted(eqn_groups):
         for group in eqn_groups[e]:
             pn = group.num_positions
@@ -260,3 +300,30 @@ def output_traces(graph, memory):
             off_diagonal = max(off_diagonal, float(jnp.max(jnp.abs(off))))
             traces.append(jnp.moveaxis(diag, 0, -1).reshape(group.varshape + (len(ks),)))
     return traces, off_diagonal
+
+
+def window_reference(graph, model, state, xs, targets, loss_fn, window, reference_step, memory):
+    """Per-step gradients of a rule with `window=K`: `∂L_t/∂θ` exactly through the last `K` steps
+    (by `jax.grad` of the model itself), plus the history term of the traces at the window's
+    anchor, which `reference_step` (a reference above, with its options bound) advances over each
+    anchor step. Yields `(grads, memory)` per step."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    anchor_state, anchor_index = state, 0
+    for t in range(len(xs)):
+
+        def loss_t(params, h):
+            m = eqx.combine(params, static)
+            s = with_traced_hidden(graph, anchor_state, h)
+            for i in range(anchor_index, t + 1):
+                y, s = m(xs[i], s)
+            return loss_fn(y, targets[t])
+
+        g, lam = jax.grad(loss_t, argnums=(0, 1))(params, traced_hidden_vector(graph, anchor_state))
+        override = (lam, list(jax.tree.leaves(g)))
+        x_a, t_a = xs[anchor_index], targets[anchor_index]
+        new_memory, grads, new_anchor = reference_step(
+            graph, model, anchor_state, x_a, t_a, loss_fn, memory, override=override
+        )
+        if t - anchor_index + 1 == window:  # the window is full: the anchor moves on by one step
+            memory, anchor_state, anchor_index = new_memory, new_anchor, anchor_index + 1
+        yield grads, memory

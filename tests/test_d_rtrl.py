@@ -10,7 +10,7 @@ import pytest
 import eqtrace
 import eqtrace.nn as enn
 
-from .brute_force import d_rtrl_reference_step, memory_as_traces
+from .brute_force import d_rtrl_reference_step, memory_as_traces, window_reference
 from .helpers import assert_tree_allclose
 from .models import AdaptiveNeurons, ConvRNN, SingleLayerRNN, StackedCells, TwoLayerGRU
 
@@ -217,32 +217,80 @@ def _input_for(model):
     return lambda key: jax.random.normal(key, (3,))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_d_rtrl_equals_brute_force_reference_per_step(name):
-    model = MODELS[name]
+def _random_steps(model, n_steps, seed=4):
     make_x = _input_for(model)
+    keys = jax.random.split(jax.random.key(seed), n_steps)
+    n_out = jax.eval_shape(model, make_x(keys[0]), model.init_state())[0].shape
+    xs = jnp.stack([make_x(k) for k in keys])
+    targets = jnp.stack([jax.random.normal(jax.random.fold_in(k, 1), n_out) for k in keys])
+    return xs, targets
+
+
+@pytest.mark.parametrize("window", [0, 1])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_d_rtrl_equals_brute_force_reference_per_step(name, window):
+    model = MODELS[name]
     state = model.init_state()
-    graph = eqtrace.compile_etrace_graph(model, make_x(jax.random.key(0)), state)
+    xs, targets = _random_steps(model, 4)
+    graph = eqtrace.compile_etrace_graph(model, xs[0], state)
     step = eqx.filter_jit(eqtrace.d_rtrl_step)
-    traces = eqtrace.d_rtrl_init(graph, model, state)
+    traces = eqtrace.d_rtrl_init(graph, model, state, window=window)
     memory, ref_state = {}, state
-    keys = jax.random.split(jax.random.key(4), 4)
-    n_out = jax.eval_shape(model, make_x(keys[0]), state)[0].shape
-    for key in keys:
-        x = make_x(key)
-        target = jax.random.normal(jax.random.fold_in(key, 1), n_out)
+    for x, target in zip(xs, targets):
         traces, y, loss, grads = step(graph, model, traces, x, target, mse)
-        memory, ref_grads, ref_state = d_rtrl_reference_step(graph, model, ref_state, x, target, mse, memory)
+        memory, ref_grads, ref_state = d_rtrl_reference_step(
+            graph, model, ref_state, x, target, mse, memory, window
+        )
         assert_tree_allclose(jax.tree.leaves(grads), ref_grads)
         ref_traces, off_diagonal = memory_as_traces(graph, memory, model)
         assert off_diagonal == 0.0, "a traced relation has an entry off its position diagonal"
         assert_tree_allclose(list(traces.eps), ref_traces)
         assert_tree_allclose(traces.state, ref_state)
     assert graph.hidden_param_op_relations, name
-    # A group without recurrence outside ETP ops keeps no trace (its history term is zero).
+    # Every group a position-diagonal relation reaches keeps a trace, recurrent or not (D = 0).
     assert len(traces.eps) == sum(
-        g.recurrent and r.position_diagonal for r in graph.hidden_param_op_relations for g in r.hidden_groups
+        r.position_diagonal for r in graph.hidden_param_op_relations for g in r.hidden_groups
     )
+
+
+WINDOW_MODELS = ["two_layer_gru", "conv_leaky", "single_layer_rnn"]
+
+
+@pytest.mark.parametrize("name", WINDOW_MODELS)
+def test_d_rtrl_window_equals_brute_force_reference_per_step(name):
+    """`window=3`: exact back-propagation through the last three steps, traces two steps behind."""
+    model = MODELS[name]
+    state = model.init_state()
+    xs, targets = _random_steps(model, 5)
+    graph = eqtrace.compile_etrace_graph(model, xs[0], state)
+    step = eqx.filter_jit(eqtrace.d_rtrl_step)
+    traces = eqtrace.d_rtrl_init(graph, model, state, window=3)
+    reference = window_reference(graph, model, state, xs, targets, mse, 3, d_rtrl_reference_step, {})
+    for x, target, (ref_grads, memory) in zip(xs, targets, reference):
+        traces, y, loss, grads = step(graph, model, traces, x, target, mse)
+        assert_tree_allclose(jax.tree.leaves(grads), ref_grads)
+        assert_tree_allclose(
+            list(traces.eps),
+            memory_as_traces(graph, memory, model)[0] if memory else [jnp.zeros_like(e) for e in traces.eps],
+        )
+
+
+@pytest.mark.parametrize("algorithm", ["d_rtrl", "es_d_rtrl"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_window_as_long_as_the_sequence_is_bptt_per_step(name, algorithm):
+    """With `window >= t`, nothing lies beyond the window: every step's gradient is BPTT's."""
+    model = MODELS[name]
+    state = model.init_state()
+    xs, targets = _random_steps(model, 3, seed=8)
+    graph = eqtrace.compile_etrace_graph(model, xs[0], state)
+    init, step = {
+        "d_rtrl": (eqtrace.d_rtrl_init, eqtrace.d_rtrl_step),
+        "es_d_rtrl": (eqtrace.es_d_rtrl_init, eqtrace.es_d_rtrl_step),
+    }[algorithm]
+    traces = init(graph, model, state, window=3)
+    for t in range(3):
+        traces, y, loss, grads = eqx.filter_jit(step)(graph, model, traces, xs[t], targets[t], mse)
+        assert_tree_allclose(grads, _per_step_bptt(model, state, xs, targets, t))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -84,5 +84,16 @@ def test_graph_compilation_direct(graph_compilation_output):
         "hidden_param_op_relations",
         "excluded_weights",
         "hidden_perturb",
+        "partly_traced_weights",
         "untraced_hidden_paths",
     ]
+
+
+def test_graph_compilation_delay_line(graph_compilation_output):
+    section = _section(graph_compilation_output, "Delay lines and weights with an untraced use")
+    assert "('h_prev',) <- copy" in section
+    assert "untraced_use: also used by `dot_general`" in section
+    # A window as long as the sequence is BPTT for every leaf, the partly traced one included.
+    full = section.split("window=")[-1].splitlines()[1:]
+    errors = [float(line.split()[-1]) for line in full if line.strip()]
+    assert errors and max(errors) < 1e-4

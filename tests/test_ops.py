@@ -219,19 +219,68 @@ def test_vmap_input_axis_1(case):
     assert_tree_allclose(tagged(xs, *weights), ref(xs, *weights))
 
 
-@pytest.mark.parametrize("case", CASES, ids=repr)
-def test_vmap_everything_batched(case):
-    batch = [jnp.stack([a, 0.5 * a + 1]) for a in case.args()]
-    assert_tree_allclose(jax.vmap(case.tagged)(*batch), jax.vmap(case.ref)(*batch))
+def _batchings(case) -> list[tuple[int | None, ...]]:
+    """`in_axes` that batch the weights (an ensemble of layers), with or without the input."""
+    n = len(case.shapes)
+    if case.primitive is eqtrace.etp_element_wise_p:
+        return [(0,)]
+    return sorted({(0,) * n, (None,) + (0,) * (n - 1), (None, 0) + (None,) * (n - 2)}, key=str)
 
 
-@pytest.mark.parametrize("case", INPUT_CASES, ids=repr)
-def test_vmap_weights_batched_input_not(case):
+# Every dense and element-wise case; convolutions in one and two dimensions, with and without bias.
+_ENSEMBLE_CASES = [
+    c
+    for c in CASES
+    if c.primitive is not eqtrace.etp_conv_p
+    or c.name in ("conv1d-SAME-stride1", "conv2d-SAME-stride1-bias", "conv2d-VALID-stride2-bias")
+]
+WEIGHT_BATCHINGS = [(case, in_axes) for case in _ENSEMBLE_CASES for in_axes in _batchings(case)]
+
+
+def _batched_args(case, in_axes, seed=0):
+    return [a if ax is None else jnp.stack([a, 0.5 * a + 1]) for a, ax in zip(case.args(seed), in_axes)]
+
+
+@pytest.mark.parametrize("case, in_axes", WEIGHT_BATCHINGS, ids=str)
+def test_vmap_weights_batched_keeps_tag(case, in_axes):
+    args = _batched_args(case, in_axes)
+    tagged, ref = jax.vmap(case.tagged, in_axes=in_axes), jax.vmap(case.ref, in_axes=in_axes)
+    assert_tree_allclose(tagged(*args), ref(*args))
+    assert binds(tagged, *args, primitive=case.primitive)
+    assert binds(jax.jit(tagged), *args, primitive=case.primitive)
+
+
+@pytest.mark.parametrize("case, in_axes", WEIGHT_BATCHINGS, ids=str)
+def test_vmap_weights_batched_jvp_and_vjp(case, in_axes):
+    args, tangents = _batched_args(case, in_axes, 0), _batched_args(case, in_axes, 1)
+    tagged, ref = jax.vmap(case.tagged, in_axes=in_axes), jax.vmap(case.ref, in_axes=in_axes)
+    assert_tree_allclose(jax.jvp(tagged, args, tangents), jax.jvp(ref, args, tangents))
+    y, vjp_tagged = jax.vjp(tagged, *args)
+    cotangent = jnp.cos(y)
+    assert_tree_allclose(vjp_tagged(cotangent), jax.vjp(ref, *args)[1](cotangent))
+    argnums = tuple(range(len(args)))
+    got = jax.jit(jax.grad(loss(tagged), argnums=argnums))(*args)
+    assert_tree_allclose(got, jax.grad(loss(ref), argnums=argnums)(*args))
+    assert all(bool(jnp.any(g != 0)) for g in got)
+
+
+@pytest.mark.parametrize("case", [c for c in _ENSEMBLE_CASES if c in INPUT_CASES], ids=repr)
+def test_nested_vmap_examples_over_an_ensemble(case):
+    """Examples (outer `vmap`, input batched) through an ensemble (inner `vmap`, weights batched)."""
     x, *weights = case.args()
-    batch = [jnp.stack([w, 0.5 * w + 1]) for w in weights]
-    in_axes = (None,) + (0,) * len(weights)
+    xs = jnp.stack([x, 2 * x, -x])
+    ensemble = [jnp.stack([w, 0.5 * w + 1]) for w in weights]
+
+    def over(fn):
+        member = jax.vmap(fn, in_axes=(None,) + (0,) * len(weights))
+        return jax.vmap(member, in_axes=(0,) + (None,) * len(weights))
+
+    assert_tree_allclose(over(case.tagged)(xs, *ensemble), over(case.ref)(xs, *ensemble))
+    assert binds(over(case.tagged), xs, *ensemble, primitive=case.primitive)
+    argnums = tuple(range(len(weights) + 1))
     assert_tree_allclose(
-        jax.vmap(case.tagged, in_axes=in_axes)(x, *batch), jax.vmap(case.ref, in_axes=in_axes)(x, *batch)
+        jax.grad(loss(over(case.tagged)), argnums=argnums)(xs, *ensemble),
+        jax.grad(loss(over(case.ref)), argnums=argnums)(xs, *ensemble),
     )
 
 
@@ -336,6 +385,17 @@ def test_same_compiled_hlo_of_gradient(case):
     tagged = entry_instructions(jax.grad(loss(case.tagged), argnums=argnums), *args)
     untagged = entry_instructions(jax.grad(loss(case.ref), argnums=argnums), *args)
     assert tagged == untagged
+
+
+@pytest.mark.parametrize("case, in_axes", WEIGHT_BATCHINGS, ids=str)
+def test_same_compiled_hlo_under_vmap(case, in_axes):
+    args = _batched_args(case, in_axes)
+    tagged, ref = jax.vmap(case.tagged, in_axes=in_axes), jax.vmap(case.ref, in_axes=in_axes)
+    assert entry_instructions(loss(tagged), *args) == entry_instructions(loss(ref), *args)
+    argnums = tuple(range(len(args)))
+    assert entry_instructions(jax.grad(loss(tagged), argnums=argnums), *args) == entry_instructions(
+        jax.grad(loss(ref), argnums=argnums), *args
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,3 +6,4 @@ from ._es_d_rtrl import (
     es_d_rtrl_step as es_d_rtrl_step,
     ESDRTRLTraces as ESDRTRLTraces,
 )
+from ._window import WindowBuffer as WindowBuffer

@@ -4,6 +4,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._compiler._compile import naming_state_mismatch
+from ._inputs import check_scalar_loss, check_sequences
+
 
 def bptt_grad(model, state, xs, targets, loss_fn: Callable):
     r"""Back-propagation through time: `jax.grad` of $\sum_t L_t$ through `jax.lax.scan`.
@@ -22,6 +25,7 @@ def bptt_grad(model, state, xs, targets, loss_fn: Callable):
     `(grads, losses)`: gradients in the structure of `eqx.filter(model, eqx.is_inexact_array)`,
     and the per-step losses, shape `(T,)`.
     """
+    check_sequences(xs, targets)
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
     def total(params):
@@ -29,10 +33,13 @@ def bptt_grad(model, state, xs, targets, loss_fn: Callable):
 
         def body(s, xt):
             y, s = m(xt[0], s)
-            return s, loss_fn(y, xt[1])
+            loss = loss_fn(y, xt[1])
+            check_scalar_loss(loss)
+            return s, loss
 
         _, losses = jax.lax.scan(body, state, (xs, targets))
         return jnp.sum(losses), losses
 
-    grads, losses = jax.grad(total, has_aux=True)(params)
+    with naming_state_mismatch(model, state):
+        grads, losses = jax.grad(total, has_aux=True)(params)
     return grads, losses

@@ -2,10 +2,11 @@ r"""D-RTRL: diagonal real-time recurrent learning.
 
 Per relation (weight $W$, hidden group $g$ with $S$ states) a weight-shaped trace with a trailing
 state axis, $\epsilon_t[\dots, n, s] = \sum_c D_t[n, s, c]\, \epsilon_{t-1}[\dots, n, c] +
-\partial h_t[n, s] / \partial W[\dots, n]$, and the gradient
-$\nabla W \mathrel{+}= \partial L_t/\partial W|_{h_{t-1}} + \sum_{n,c} \lambda_t[n,c]\,
-\epsilon_{t-1}[\dots, n, c]$, with $\lambda_t = \delta_t^\top D^{\text{local}}_t$ the learning signal
-carried one step back (see `StepLinearisation.signal`).
+\partial h_t[n, s] / \partial W[\dots, n]$ (ETP outputs held fixed), estimating
+$\partial h_t/\partial W$. With `window=K` the gradient of $L_t$ is exact through the last $K$ steps
+and the trace credits what lies before them:
+$\nabla W \mathrel{+}= \partial L_t/\partial W|_{h_{t-K}} + \sum_{n,c} \lambda_t[n,c]\,
+\epsilon_{t-K}[\dots, n, c]$, with $\lambda_t = \partial L_t/\partial h_{t-K}$.
 """
 
 from collections.abc import Callable
@@ -17,7 +18,9 @@ import jax.numpy as jnp
 from .._compiler import ETraceGraph
 from .._compiler._run import flatten_weights
 from .._ops import etp_op_of
-from ._one_step import apply_blocks, linearise_step, unflatten_grads
+from ._inputs import check_traces
+from ._one_step import advance, apply_blocks, linearise_step, unflatten_grads
+from ._window import window_init, WindowBuffer
 
 
 class DRTRLTraces(eqx.Module):
@@ -26,11 +29,17 @@ class DRTRLTraces(eqx.Module):
     **Fields:**
 
     - `state`: the model's hidden state pytree.
-    - `eps`: one trace per traced (relation, hidden group) pair, shaped `weight.shape + (S,)`.
+    - `eps`: one trace per traced (relation, hidden group) pair, shaped `weight.shape + (S,)`;
+      with `window=K > 1`, at the window's anchor, `K - 1` steps behind `state`.
+    - `buffer`: the [`eqtrace.WindowBuffer`][] of a window `K > 1`, else `None`.
+    - `window`: the rule's window `K` (static; `0`: the learning signal through the per-position
+      diagonal only).
     """
 
     state: object
     eps: tuple
+    buffer: WindowBuffer | None = None
+    window: int = eqx.field(static=True, default=1)
 
 
 def traced_pairs(graph: ETraceGraph) -> list[tuple[int, int]]:
@@ -40,11 +49,10 @@ def traced_pairs(graph: ETraceGraph) -> list[tuple[int, int]]:
         for r, rel in enumerate(graph.hidden_param_op_relations)
         if rel.position_diagonal
         for g in rel.hidden_groups
-        if g.recurrent
     ]
 
 
-def d_rtrl_init(graph: ETraceGraph, params, state) -> DRTRLTraces:
+def d_rtrl_init(graph: ETraceGraph, params, state, *, window: int = 1) -> DRTRLTraces:
     """Zero D-RTRL traces for `params`, carrying the hidden `state`.
 
     **Arguments:**
@@ -52,11 +60,15 @@ def d_rtrl_init(graph: ETraceGraph, params, state) -> DRTRLTraces:
     - `graph`: the model's [`eqtrace.ETraceGraph`][].
     - `params`: the model (or its array part from `eqx.partition`).
     - `state`: the initial hidden state pytree.
+    - `window`: `K >= 1`: back-propagate each step's loss exactly through the last `K` steps
+      (memory `O(K)`) and use the traces beyond; `0`: carry the learning signal back one step
+      through the per-position diagonal only (the ETP operations' mixing is dropped there too).
 
     **Returns:**
 
     A [`eqtrace.DRTRLTraces`][].
     """
+    buffer = window_init(graph, state, window)
     flat_w = flatten_weights(graph, params)
     index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
     eps = []
@@ -64,7 +76,7 @@ def d_rtrl_init(graph: ETraceGraph, params, state) -> DRTRLTraces:
         rel = graph.hidden_param_op_relations[r]
         w = flat_w[index[rel.weight_path]]
         eps.append(jnp.zeros(w.shape + (graph.hidden_groups[g].num_state,), w.dtype))
-    return DRTRLTraces(state=state, eps=tuple(eps))
+    return DRTRLTraces(state=state, eps=tuple(eps), buffer=buffer, window=window)
 
 
 def instant_trace(primitive, params: dict, operands: list, j: int, d_f: jax.Array) -> jax.Array:
@@ -106,27 +118,27 @@ def d_rtrl_step(
     contribution to $\nabla_\theta \sum_t L_t$ in the structure of
     `eqx.filter(params, eqx.is_inexact_array)`.
     """
+    check_traces(traces, DRTRLTraces, d_rtrl_init, graph, params)
     pairs = traced_pairs(graph)
-    if not isinstance(traces, DRTRLTraces) or len(traces.eps) != len(pairs):
-        raise TypeError(
-            "`traces` must be the `DRTRLTraces` that `eqtrace.d_rtrl_init` made for this graph "
-            f"({len(pairs)} traces), got {type(traces).__name__}"
-            + (f" with {len(traces.eps)} traces." if isinstance(traces, DRTRLTraces) else ".")
-        )
-    lin = linearise_step(graph, params, x, traces.state, target, loss_fn)
+    lin = linearise_step(
+        graph, params, x, traces.state, target, loss_fn, buffer=traces.buffer, diagonal=traces.window == 0
+    )
     index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
+    eqns = graph.module_info.closed_jaxpr.jaxpr.eqns
     grads = list(lin.grads)
     new_eps = []
     for (r, g), eps in zip(pairs, traces.eps):
         rel = graph.hidden_param_op_relations[r]
-        eqn_params = graph.module_info.closed_jaxpr.jaxpr.eqns[rel.eqn_index].params
-
-        history = jnp.sum(jnp.broadcast_to(lin.signal[g], eps.shape) * eps, axis=-1)
-        operands, d_f = lin.operands[rel.eqn_index], lin.d_f[rel.eqn_index][g]
-        instant = instant_trace(rel.primitive, eqn_params, operands, rel.operand_index, d_f)
-        eps = apply_blocks(lin.d_total[g], eps) + instant
         w = index[rel.weight_path]
-        grads[w] = grads[w] + history
-        new_eps.append(eps)
-    new = DRTRLTraces(state=lin.new_state, eps=tuple(new_eps))
+        signal = jnp.expand_dims(lin.signal[g], rel.input_axes)
+        grads[w] = grads[w] + jnp.sum(jnp.broadcast_to(signal, eps.shape) * eps, axis=-1)
+        operands, d_f = lin.operands[rel.eqn_index], lin.d_f[rel.eqn_index][g]
+        instant = instant_trace(rel.primitive, eqns[rel.eqn_index].params, operands, rel.operand_index, d_f)
+        new_eps.append(apply_blocks(jnp.expand_dims(lin.d_total[g], rel.input_axes), eps) + instant)
+    new = DRTRLTraces(
+        state=lin.new_state,
+        eps=advance(lin, tuple(new_eps), traces.eps),
+        buffer=lin.buffer,
+        window=traces.window,
+    )
     return new, lin.y, lin.loss, unflatten_grads(params, grads)

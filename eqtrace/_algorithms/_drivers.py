@@ -7,11 +7,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 
 from .._compiler import compile_etrace_graph, ETraceGraph
+from .._compiler._run import check_graph_matches
 from ._d_rtrl import d_rtrl_init, d_rtrl_step
 from ._es_d_rtrl import es_d_rtrl_init, es_d_rtrl_step
+from ._inputs import check_batch_axis, check_sequences, step_example, zeros_shaped
 
 
 ALGORITHMS: dict[str, tuple[Callable, Callable]] = {
@@ -35,7 +36,8 @@ def graph_for(model, x, state) -> ETraceGraph:
     dynamic, static = eqx.partition((model, x, state), eqx.is_array)
     leaves, treedef = jtu.tree_flatten(dynamic)
     static_leaves, static_def = jtu.tree_flatten(static)
-    shapes = tuple((tuple(a.shape), np.dtype(a.dtype)) for a in leaves)
+    dtypes = [jax.dtypes.canonicalize_dtype(a.dtype, allow_extended_dtype=True) for a in leaves]
+    shapes = tuple((tuple(a.shape), dtype) for a, dtype in zip(leaves, dtypes))
     key = (treedef, static_def, tuple(static_leaves), shapes)
     try:
         _GRAPHS.move_to_end(key)
@@ -45,7 +47,7 @@ def graph_for(model, x, state) -> ETraceGraph:
     except KeyError:
         pass
     with jax.ensure_compile_time_eval():
-        concrete = [np.zeros(a.shape, a.dtype) for a in leaves]
+        concrete = [zeros_shaped(a.shape, a) for a in leaves]
         graph = compile_etrace_graph(*eqx.combine(jtu.tree_unflatten(treedef, concrete), static))
     if key is not None:
         _GRAPHS[key] = graph
@@ -64,7 +66,17 @@ def _check_algorithm(algorithm: str) -> str:
 
 
 def online_grad(
-    model, state, xs, targets, loss_fn: Callable, algorithm: str = "d_rtrl", *, graph=None, **options
+    model,
+    state,
+    xs,
+    targets,
+    loss_fn: Callable,
+    algorithm: str = "d_rtrl",
+    *,
+    graph=None,
+    traces=None,
+    return_traces: bool = False,
+    **options,
 ):
     r"""Online gradient of $\sum_t L_t$ over a sequence, forward in time with constant memory.
 
@@ -79,38 +91,49 @@ def online_grad(
     - `loss_fn`: `loss_fn(y_t, target_t) -> scalar`.
     - `algorithm`: `"d_rtrl"`, or `"es_d_rtrl"` (alias `"pp_prop"`).
     - `graph`: a precompiled [`eqtrace.ETraceGraph`][] (optional).
-    - `options`: passed to the algorithm's init, e.g. `decay=0.9` for ES-D-RTRL.
+    - `traces`: the traces a previous call returned (`return_traces=True`), to continue a sequence
+      where it stopped, exactly as one call over the whole sequence would; `state` is then `None`
+      (the traces carry it) and the options are the traces' own.
+    - `return_traces`: also return the traces after the last step.
+    - `options`: passed to the algorithm's init: `window=K` (default 1) for both rules, and
+      `decay=0.9`, `normalise=True` for ES-D-RTRL.
 
     **Returns:**
 
     `(grads, losses)`: gradients in the structure of `eqx.filter(model, eqx.is_inexact_array)`,
-    and the per-step losses, shape `(T,)`.
+    and the per-step losses, shape `(T,)`; `(grads, losses, traces)` with `return_traces`.
     """
-    return _online_grad(model, state, xs, targets, loss_fn, algorithm, graph, options, batched=False)
+    return _online_grad(
+        model, state, xs, targets, loss_fn, algorithm, graph, options, traces, return_traces, batched=False
+    )
 
 
-def _online_grad(model, state, xs, targets, loss_fn, algorithm, graph, options, *, batched: bool):
+def _online_grad(
+    model, state, xs, targets, loss_fn, algorithm, graph, options, traces, return_traces, *, batched: bool
+):
     """`online_grad`; with `batched`, `state` has a leading batch axis and `xs`, `targets` are
     `(time, batch, ...)`: each step runs on the whole batch and its gradients are averaged at once,
     so the carry holds one gradient accumulator, not one per example."""
     init, step = ALGORITHMS[_check_algorithm(algorithm)]
-    lengths = {a.shape[0] for a in jtu.tree_leaves((xs, targets))}
-    if len(lengths) != 1:
-        got = jtu.tree_map(lambda a: a.shape, (xs, targets))
-        raise ValueError(
-            "`xs` and `targets` must share their leading (time) axis"
-            + (", and a batch axis before it" if batched else "")
-            + f"; got shapes {got}."
-        )
-    at = (lambda a: a[0, 0]) if batched else (lambda a: a[0])
+    check_sequences(xs, targets, ("time", "batch") if batched else ("time",))
+    if traces is not None:
+        if state is not None or options:
+            raise ValueError(
+                "Given `traces`, `state` must be `None` and no algorithm options may be given: the "
+                f"traces carry the state and their rule's options; got state={type(state).__name__} "
+                f"and options {sorted(options)}."
+            )
+        state = traces.state
+    x, s = step_example(xs, 2 if batched else 1), step_example(state, 1 if batched else 0)
     if graph is None:
-        graph = graph_for(
-            model, jtu.tree_map(at, xs), jtu.tree_map(lambda a: a[0], state) if batched else state
-        )
-    if batched:
-        traces = jax.vmap(lambda s: init(graph, model, s, **options))(state)
+        graph = graph_for(model, x, s)
     else:
-        traces = init(graph, model, state, **options)
+        check_graph_matches(graph, model, x, s)
+    if traces is None:
+        if batched:
+            traces = jax.vmap(lambda s: init(graph, model, s, **options))(state)
+        else:
+            traces = init(graph, model, state, **options)
     zeros = jtu.tree_map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
     batch_option = {"batched": True} if batched else {}
 
@@ -119,8 +142,8 @@ def _online_grad(model, state, xs, targets, loss_fn, algorithm, graph, options, 
         traces, _, loss, g = step(graph, model, traces, xt[0], xt[1], loss_fn, **batch_option)
         return (traces, jtu.tree_map(jnp.add, acc, g)), jnp.mean(loss)
 
-    (_, grads), losses = jax.lax.scan(body, (traces, zeros), (xs, targets))
-    return grads, losses
+    (traces, grads), losses = jax.lax.scan(body, (traces, zeros), (xs, targets))
+    return (grads, losses, traces) if return_traces else (grads, losses)
 
 
 def batch_grad(grad_fn: Callable, model, states, xs, targets, loss_fn: Callable, **kwargs):
@@ -133,16 +156,29 @@ def batch_grad(grad_fn: Callable, model, states, xs, targets, loss_fn: Callable,
 
     - `grad_fn`: [`eqtrace.online_grad`][] or [`eqtrace.bptt_grad`][].
     - `states`, `xs`, `targets`: with a leading batch axis (`xs` is `(batch, time, ...)`).
-    - `kwargs`: passed on to `grad_fn` (e.g. `algorithm=`).
+    - `kwargs`: passed on to `grad_fn` (e.g. `algorithm=`, `window=`, `traces=`, `return_traces=`).
 
     **Returns:**
 
-    `(grads, losses)`: the batch-mean gradient and per-step losses (shape `(T,)`).
+    `(grads, losses)`: the batch-mean gradient and per-step losses (shape `(T,)`), and the batched
+    traces after the last step with `return_traces=True`.
     """
+    check_batch_axis(states, check_sequences(xs, targets, ("batch", "time"))[0])
     if grad_fn is online_grad and _check_algorithm(kwargs.get("algorithm", "d_rtrl")) in BATCH_NATIVE:
         algorithm = kwargs.pop("algorithm")
         graph = kwargs.pop("graph", None)
         time_major = jtu.tree_map(lambda a: jnp.swapaxes(a, 0, 1), (xs, targets))
-        return _online_grad(model, states, *time_major, loss_fn, algorithm, graph, kwargs, batched=True)
-    grads, losses = jax.vmap(lambda s, x, t: grad_fn(model, s, x, t, loss_fn, **kwargs))(states, xs, targets)
-    return jtu.tree_map(lambda g: jnp.mean(g, axis=0), grads), jnp.mean(losses, axis=0)
+        traces = kwargs.pop("traces", None)
+        return_traces = kwargs.pop("return_traces", False)
+        return _online_grad(
+            model, states, *time_major, loss_fn, algorithm, graph, kwargs, traces, return_traces, batched=True
+        )
+    if "traces" in kwargs:  # per-example traces are batched like the states
+        traces = kwargs.pop("traces")
+        out = jax.vmap(lambda tr, x, t: grad_fn(model, None, x, t, loss_fn, traces=tr, **kwargs))(
+            traces, xs, targets
+        )
+    else:
+        out = jax.vmap(lambda s, x, t: grad_fn(model, s, x, t, loss_fn, **kwargs))(states, xs, targets)
+    mean = jtu.tree_map(lambda g: jnp.mean(g, axis=0), out[:2])
+    return (*mean, out[2]) if kwargs.get("return_traces") else mean

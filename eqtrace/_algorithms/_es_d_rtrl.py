@@ -1,11 +1,14 @@
 r"""ES-D-RTRL (pp_prop): D-RTRL's trace factorised into an input trace and an output trace.
 
-Per ETP operation with input $x$, an input trace $\bar x_t = \alpha \bar x_{t-1} + x_t$; per
-operation and hidden group, an output trace $\bar f_t = D_t \bar f_{t-1} + D_{f,t}$ (`varshape + (S,)`).
-The weight's sensitivity $\partial h_{t-1}/\partial W$ is estimated by $\bar x_{t-1} \otimes \bar f_{t-1}$,
-so the gradient is $\nabla W \mathrel{+}= \partial L_t/\partial W|_{h_{t-1}} +
-\mathrm{VJP}_W\big(\mathrm{op}(\bar x_{t-1}, W),\ \textstyle\sum_c \bar f_{t-1}[\dots, c]\,
-\lambda_t[\dots, c]\big)$. Memory per operation: the input's size plus $N \cdot S$ per group.
+Per ETP operation with input $x$, an input trace $\bar x_t = \alpha \bar x_{t-1} + x_t$, used as
+its weighted mean $\hat x_t = \bar x_t / \sum_k \alpha^k$ (or as the sum, `normalise=False`); per
+operation and hidden group, an output trace $\bar f_t = D_t \bar f_{t-1} + D_{f,t}$
+(`varshape + (S,)`). The weight's sensitivity $\partial h_t/\partial W$ is estimated by
+$\hat x_t \otimes \bar f_t$, exact for a constant input. With `window=K` (see
+[`eqtrace.d_rtrl_init`][]) the gradient is $\nabla W \mathrel{+}= \partial L_t/\partial W|_{h_{t-K}}
++ \mathrm{VJP}_W\big(\mathrm{op}(\hat x_{t-K}, W),\ \textstyle\sum_c \bar f_{t-K}[\dots, c]\,
+\lambda_t[\dots, c]\big)$ with $\lambda_t = \partial L_t/\partial h_{t-K}$. Memory per operation:
+the input's size plus $N \cdot S$ per group.
 """
 
 from collections.abc import Callable
@@ -17,7 +20,9 @@ import jax.numpy as jnp
 from .._compiler import ETraceGraph
 from .._compiler._run import flatten_weights
 from .._ops import etp_op_of
-from ._one_step import apply_blocks, linearise_step, unflatten_grads
+from ._inputs import check_traces
+from ._one_step import advance, apply_blocks, linearise_step, unflatten_grads
+from ._window import window_init, WindowBuffer
 
 
 class ESDRTRLTraces(eqx.Module):
@@ -28,22 +33,27 @@ class ESDRTRLTraces(eqx.Module):
     - `state`: the model's hidden state pytree.
     - `x_bar`: one input trace per traced ETP operation that has an input (shape of that input).
     - `f_bar`: one output trace per (traced operation, hidden group), `varshape + (S,)`.
-    - `decay`: the input traces' decay $\\alpha$ (static).
+    - `x_weight`: $\\sum_k \\alpha^k$ over the steps the input traces hold, by which they are
+      normalised (a count of time steps, not of calls).
+    - `buffer`: the [`eqtrace.WindowBuffer`][] of a window `K > 1`, else `None`.
+    - `decay`, `normalise`, `window`: the rule's options (static).
     """
 
     state: object
     x_bar: tuple
     f_bar: tuple
-    decay: float = eqx.field(static=True)
+    x_weight: jax.Array
+    buffer: WindowBuffer | None = None
+    decay: float = eqx.field(static=True, default=0.9)
+    normalise: bool = eqx.field(static=True, default=True)
+    window: int = eqx.field(static=True, default=1)
 
 
 def _traced_eqns(graph: ETraceGraph) -> list[tuple[int, tuple[int, ...]]]:
-    """The ETP equations in some relation, each with the indices of the recurrent groups it reaches."""
+    """The ETP equations in some relation, each with the indices of the groups it reaches."""
     groups: dict[int, tuple[int, ...]] = {}
     for rel in graph.hidden_param_op_relations:
-        recurrent = tuple(g.index for g in rel.hidden_groups if g.recurrent)
-        if recurrent:  # without recurrence, the history term is zero
-            groups[rel.eqn_index] = recurrent
+        groups[rel.eqn_index] = tuple(g.index for g in rel.hidden_groups)
     return sorted(groups.items())
 
 
@@ -51,13 +61,19 @@ def _has_input(graph: ETraceGraph, e: int) -> bool:
     return etp_op_of(graph.module_info.closed_jaxpr.jaxpr.eqns[e].primitive).has_input
 
 
-def es_d_rtrl_init(graph: ETraceGraph, params, state, decay: float = 0.9) -> ESDRTRLTraces:
+def es_d_rtrl_init(
+    graph: ETraceGraph, params, state, decay: float = 0.9, *, normalise: bool = True, window: int = 1
+) -> ESDRTRLTraces:
     """Zero ES-D-RTRL traces, carrying the hidden `state`.
 
     **Arguments:**
 
     - `graph`, `params`, `state`: as for [`eqtrace.d_rtrl_init`][].
     - `decay`: $\\alpha \\in [0, 1]$, how much of the past input the input trace keeps.
+    - `normalise`: use the input trace's weighted mean $\\bar x_t / \\sum_k \\alpha^k$ (exact for a
+      constant input, and of the magnitude of D-RTRL's trace) rather than its sum, which is up to
+      $1/(1-\\alpha)$ times larger.
+    - `window`: as for [`eqtrace.d_rtrl_init`][].
 
     **Returns:**
 
@@ -65,6 +81,7 @@ def es_d_rtrl_init(graph: ETraceGraph, params, state, decay: float = 0.9) -> ESD
     """
     if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
         raise ValueError(f"`decay` must be a number in [0, 1], got {decay!r}.")
+    buffer = window_init(graph, state, window)
     flatten_weights(graph, params)
     eqns = graph.module_info.closed_jaxpr.jaxpr.eqns
     x_bar, f_bar = [], []
@@ -75,7 +92,17 @@ def es_d_rtrl_init(graph: ETraceGraph, params, state, decay: float = 0.9) -> ESD
         for g in group_ids:
             group = graph.hidden_groups[g]
             f_bar.append(jnp.zeros(group.varshape + (group.num_state,), group.dtype))
-    return ESDRTRLTraces(state=state, x_bar=tuple(x_bar), f_bar=tuple(f_bar), decay=float(decay))
+    dtype = x_bar[0].dtype if x_bar else jnp.float32
+    return ESDRTRLTraces(
+        state=state,
+        x_bar=tuple(x_bar),
+        f_bar=tuple(f_bar),
+        x_weight=jnp.zeros((), dtype),
+        buffer=buffer,
+        decay=float(decay),
+        normalise=bool(normalise),
+        window=window,
+    )
 
 
 def es_d_rtrl_step(
@@ -94,33 +121,41 @@ def es_d_rtrl_step(
 
     `(traces, y, loss, grads)`.
     """
+    check_traces(traces, ESDRTRLTraces, es_d_rtrl_init, graph, params, batched=batched)
     eqns_groups = _traced_eqns(graph)
-    n_f = sum(len(g) for _, g in eqns_groups)
-    if not isinstance(traces, ESDRTRLTraces) or len(traces.f_bar) != n_f:
-        raise TypeError(
-            "`traces` must be the `ESDRTRLTraces` that `eqtrace.es_d_rtrl_init` made for this graph, "
-            f"got {type(traces).__name__}."
-        )
-    lin = linearise_step(graph, params, x, traces.state, target, loss_fn, batched=batched)
+    lin = linearise_step(
+        graph,
+        params,
+        x,
+        traces.state,
+        target,
+        loss_fn,
+        buffer=traces.buffer,
+        diagonal=traces.window == 0,
+        batched=batched,
+    )
     info = graph.module_info
     eqns = info.closed_jaxpr.jaxpr.eqns
     weights = flatten_weights(graph, params)
     weight_of_var = {v: i for i, v in enumerate(info.closed_jaxpr.jaxpr.invars[: info.num_weights])}
     index = {p: i for i, p in enumerate(info.weight_paths)}
     grads = list(lin.grads)
+    x_weight = traces.x_weight
+    scale = 1 / jnp.maximum(x_weight, 1) if traces.normalise else None
     x_iter, f_iter = iter(traces.x_bar), iter(traces.f_bar)
     new_x, new_f = [], []
     for e, group_ids in eqns_groups:
         op = etp_op_of(eqns[e].primitive)
         operands = list(lin.operands[e])
-        x_bar = None
+        x_bar = x_hat = None
         if op.has_input:
             x_bar = next(x_iter)
             new_x.append(traces.decay * x_bar + operands[0])
+            x_hat = x_bar if scale is None else _scale(x_bar, scale)
         f_bars = [next(f_iter) for _ in group_ids]
         # The history term's cotangent at the operation's output: Σ_g Σ_c f̄ λ.
         cot = sum(jnp.sum(f * lin.signal[g], axis=-1) for f, g in zip(f_bars, group_ids))
-        history = _history(op, eqns[e], operands, x_bar, cot, weights, weight_of_var, batched)
+        history = _history(op, eqns[e], operands, x_hat, cot, weights, weight_of_var, batched)
         for rel in graph.hidden_param_op_relations:
             if rel.eqn_index == e:
                 w = index[rel.weight_path]
@@ -128,8 +163,25 @@ def es_d_rtrl_step(
         for f, g in zip(f_bars, group_ids):
             blocks = jax.vmap(apply_blocks) if batched else apply_blocks
             new_f.append(blocks(lin.d_total[g], f) + lin.d_f[e][g])
-    new = ESDRTRLTraces(state=lin.new_state, x_bar=tuple(new_x), f_bar=tuple(new_f), decay=traces.decay)
+    new_x, new_f, x_weight = advance(
+        lin, (tuple(new_x), tuple(new_f), traces.decay * x_weight + 1), (traces.x_bar, traces.f_bar, x_weight)
+    )
+    new = ESDRTRLTraces(
+        state=lin.new_state,
+        x_bar=new_x,
+        f_bar=new_f,
+        x_weight=x_weight,
+        buffer=lin.buffer,
+        decay=traces.decay,
+        normalise=traces.normalise,
+        window=traces.window,
+    )
     return new, lin.y, lin.loss, unflatten_grads(params, grads)
+
+
+def _scale(x_bar, scale):
+    """`x̄ / w`, with one weight per example when batched."""
+    return x_bar * scale.reshape(scale.shape + (1,) * (x_bar.ndim - scale.ndim)).astype(x_bar.dtype)
 
 
 def _history(op, eqn, operands, x_bar, cot, weights, weight_of_var, batched) -> list:

@@ -1,6 +1,11 @@
-"""What every online algorithm needs from one step, computed once: the loss and its exact
-same-step gradient, the learning signal `δ = ∂L_t/∂h_t`, the ETP operations' operands, and the
-per-position Jacobian blocks `D = ∂h_t/∂h_{t-1}` (ETP outputs held fixed) and `D_f = ∂h_t/∂y`."""
+"""What every online rule needs from one step, computed once.
+
+Step `t` is linearised over its *window*: the last `K` steps, run exactly from the stored anchor
+state `h_{t-K}` (`K = 1`: from `h_{t-1}`). One VJP of the loss gives the exact gradient through the
+window and the learning signal `λ = ∂L_t/∂h_{t-K}` that the traces carry further back. The window's
+first step (the one the traces advance over) is also linearised with ETP outputs held fixed: the
+per-position Jacobian blocks `D = ∂h/∂h_prev` and `D_f = ∂h/∂y`.
+"""
 
 from collections.abc import Callable
 
@@ -11,37 +16,40 @@ import jax.tree_util as jtu
 
 from .._compiler import ETraceGraph, evaluate, HiddenGroup
 from .._compiler._run import flatten_step_inputs, flatten_weights, unflatten_step_outputs
+from ._inputs import check_scalar_loss
+from ._window import window_advance, window_inputs
 
 
 class StepLinearisation(eqx.Module):
-    """One step of the model, linearised around the current state.
+    """One step of the model, linearised over its window.
 
     - `y`, `new_state`, `loss`: the step's output, new state pytree and loss.
-    - `grads`: exact same-step gradient of the loss for every inexact weight leaf (flat, `None`
-      for the others): `∂L_t/∂θ` with `h_{t-1}` held fixed.
-    - `operands`: per ETP equation index, its operands.
-    - `d_total`: per group, the blocks `∂h_t/∂h_{t-1}` (`varshape + (S, S)`, `[..., s, c]`).
-    - `signal`: per group, the learning signal `δ = ∂L_t/∂h_t` (read at the perturbation points)
-      carried one step back through the group's own dynamics,
-      `λ[..., c] = Σ_s δ[..., s] ∂h_t[..., s]/∂h_{t-1}[..., c]`, where the Jacobian holds
-      the step's other new hidden values fixed (their paths are already in `δ`): so the gradient's
-      history term is `λ · ∂h_{t-1}/∂W`.
-    - `d_f`: per relation equation index and group index, `∂h_t/∂y` (`varshape + (S,)`).
+    - `grads`: the exact gradient of the loss through the window, the anchor state held fixed, for
+      every inexact weight leaf (flat, `None` for the others). With `K = 1`: the same-step gradient.
+    - `signal`: per group, the learning signal `λ[..., c] = ∂L_t/∂h_anchor[..., c]` (`varshape +
+      (S,)`): the history term of the gradient is `λ · ∂h_anchor/∂W`, which the traces estimate.
+    - `advanced`: whether the window's first step is a real one (the traces advance over it).
+    - `buffer`: the window buffer for the next step (`None` for `K = 1`).
+    - `operands`: per ETP equation index, its operands in the window's first step.
+    - `d_total`: per group, the blocks `∂h/∂h_prev` of the first step (`varshape + (S, S)`, `[..., s, c]`).
+    - `d_f`: per relation equation index and group index, `∂h/∂y` of the first step (`varshape + (S,)`).
     """
 
     y: object
     new_state: object
     loss: jax.Array
     grads: list
+    signal: tuple
+    advanced: jax.Array
+    buffer: object
     operands: dict
     d_total: tuple
-    signal: tuple
     d_f: dict
 
 
-def _group_columns(graph: ETraceGraph) -> list[list[int]]:
-    """For each group, the positions of its states among the perturbation points."""
-    index = {p: k for k, p in enumerate(graph.hidden_perturb.hidden_paths)}
+def _group_columns(paths, graph: ETraceGraph) -> list[list[int]]:
+    """For each group, the positions of its states among `paths`."""
+    index = {p: k for k, p in enumerate(paths)}
     return [[index[p] for p in g.hidden_paths] for g in graph.hidden_groups]
 
 
@@ -72,20 +80,43 @@ def _blocks(jvp: Callable, hidden: list, group: HiddenGroup, cols: list[int]) ->
     return jnp.stack(cols_out, axis=-1)  # varshape + (S, S): [..., s, c]
 
 
-def linearise_step(
-    graph: ETraceGraph, params, x, state, target, loss_fn: Callable, *, batched: bool = False
-) -> StepLinearisation:
-    """Linearise one step of the compiled model (see [`StepLinearisation`][]).
+def _select(pred, a, b):
+    """`where(pred, a, b)` leaf-wise, `pred` broadcast over the leaves' trailing axes."""
+    return jtu.tree_map(
+        lambda u, v: jnp.where(pred.reshape(pred.shape + (1,) * (u.ndim - pred.ndim)), u, v), a, b
+    )
 
-    With `batched`, `x`, `state` and `target` carry a leading batch axis; the loss is the batch
-    mean, and the weights' gradients are taken through the whole batch at once (a matmul over the
-    batch, not one gradient per example); every other field gains the leading batch axis.
+
+def linearise_step(
+    graph: ETraceGraph,
+    params,
+    x,
+    state,
+    target,
+    loss_fn: Callable,
+    *,
+    buffer=None,
+    diagonal: bool = False,
+    batched: bool = False,
+) -> StepLinearisation:
+    """Linearise step `t` of the compiled model (see [`StepLinearisation`][]).
+
+    - `state`: the hidden state `h_{t-1}`; `buffer`: the [`WindowBuffer`][] of a window `K > 1`
+      (`None`: `K = 1`).
+    - `diagonal`: carry the learning signal back through the per-position blocks with ETP outputs
+      held fixed (plus every path by which the loss reads `h_{t-1}` directly), not exactly.
+    - `batched`: `x`, `state`, `target` (and the buffer) carry a leading batch axis; the loss is the
+      batch mean and weight gradients contract the batch inside one matmul; every other field
+      gains the leading batch axis.
     """
     info = graph.module_info
     closed = info.closed_jaxpr
     weights = flatten_weights(graph, params)
     perturb = graph.hidden_perturb
+    traced_paths = perturb.hidden_paths if perturb is not None else ()
     pvars = perturb.perturb_vars if perturb is not None else ()
+    hidden_index = {p: i for i, p in enumerate(info.hidden_paths)}
+    traced = [hidden_index[p] for p in traced_paths]
     inexact = [jnp.issubdtype(w.dtype, jnp.inexact) for w in weights]
     diff_weights = [w for w, ok in zip(weights, inexact) if ok]
 
@@ -93,56 +124,114 @@ def linearise_step(
         it = iter(dw)
         return [next(it) if ok else w for w, ok in zip(weights, inexact)]
 
-    def example(dw, x, state, target, ps):
-        _, xs, hidden = flatten_step_inputs(graph, params, x, state)
-        record: dict = {}
-        at = {v: (lambda p: lambda val: val + p)(p) for v, p in zip(pvars, ps)}
-        outs = evaluate(
-            closed,
-            [*merge(dw), *xs, *hidden],
-            at_vars=at,
-            on_etp=lambda i, a, o: record.__setitem__(i, (a, o)),
-        )
-        y, new_state = unflatten_step_outputs(graph, outs)
-        loss = loss_fn(y, target)
-        if not (isinstance(loss, jax.Array) and loss.shape == ()):
-            raise ValueError(
-                f"`loss_fn(y, target)` must return a scalar array, got {getattr(loss, 'shape', type(loss))}."
+    def example(dw, anchor_traced, ps, x, state, buffer, target):
+        _, x_leaves, hidden = flatten_step_inputs(graph, params, x, state)
+        anchor, inputs, valid = window_inputs(buffer, state, x_leaves)
+        if buffer is not None:
+            hidden = flatten_step_inputs(graph, params, x, anchor)[2]
+        w = merge(dw)
+        h = list(hidden)
+        for i, v in zip(traced, anchor_traced):
+            h[i] = v
+        first: dict = {}
+        k_last = inputs[0].shape[0] - 1 if inputs else 0
+        direct = None
+        for k in range(k_last + 1):
+            xs_k = [a[k] for a in inputs]
+            args = [*w, *xs_k, *h]
+            at: dict = {}
+            if k == k_last and diagonal:
+                # The learning signal `δ` at the new hidden values (perturbations `p`, with `h_{t-1}`
+                # held fixed), and, from a second run whose new hidden values are held fixed, what
+                # the loss reads of `h_{t-1}` directly; that run adds no gradient to the weights.
+                detach = {v: jax.lax.stop_gradient for v in pvars}
+                outs = evaluate(closed, [*jax.lax.stop_gradient(w), *xs_k, *h], at_vars=detach)
+                direct = _loss(loss_fn, graph, outs, target)
+                args = [*w, *xs_k, *hidden]
+                at = {v: (lambda p: lambda val: val + p)(p) for v, p in zip(pvars, ps)}
+            record: dict = {}
+            outs = evaluate(
+                closed,
+                args,
+                at_vars=at,
+                on_etp=(lambda i, a, o: record.__setitem__(i, (a, o))) if k == 0 else None,
             )
-        return loss, (y, new_state, record, xs, hidden)
+            new_h = outs[info.num_outputs :]
+            if k < k_last:  # an empty slot leaves the state as it is
+                new_h = _select(valid[k], new_h, h)
+            if k == 0:
+                first = {
+                    "record": record,
+                    "xs": xs_k,
+                    "hidden": [jax.lax.stop_gradient(a) for a in h],
+                    "after": new_h,
+                }
+            h = new_h
+        y, new_state = unflatten_step_outputs(graph, outs)
+        loss = _loss(loss_fn, graph, outs, target)
+        if direct is not None:
+            loss = loss + (direct - jax.lax.stop_gradient(direct))
+        if buffer is not None:
+            after = unflatten_step_outputs(graph, [*outs[: info.num_outputs], *first["after"]])[1]
+            # `after` is the anchor itself where the first slot was empty.
+            buffer = window_advance(buffer, inputs, valid, after)
+        return loss, (y, new_state, valid[0], buffer, first["record"], first["xs"], first["hidden"])
 
-    lead: tuple[int, ...] = ()
     if batched:
-        lead = (jtu.tree_leaves(x)[0].shape[0],)
 
-        def loss_of(dw, ps):
-            losses, aux = jax.vmap(lambda *a: example(dw, *a))(x, state, target, ps)
+        def loss_of(dw, anchor_traced, ps):
+            losses, aux = jax.vmap(lambda a, p, *rest: example(dw, a, p, *rest))(
+                anchor_traced, ps, x, state, buffer, target
+            )
             return jnp.mean(losses), (losses, aux)
+
+        anchor0 = jax.vmap(lambda s, b: _traced_leaves(traced, s if b is None else b.anchor))(state, buffer)
+        lead = (jtu.tree_leaves(x)[0].shape[0],)
     else:
 
-        def loss_of(dw, ps):
-            loss, aux = example(dw, x, state, target, ps)
+        def loss_of(dw, anchor_traced, ps):
+            loss, aux = example(dw, anchor_traced, ps, x, state, buffer, target)
             return loss, (loss, aux)
 
-    zeros_p = [jnp.zeros(lead + v.aval.shape, v.aval.dtype) for v in pvars]
-    _, vjp, (loss, (y, new_state, record, xs, hidden)) = jax.vjp(loss_of, diff_weights, zeros_p, has_aux=True)
-    g_w, g_p = vjp(jnp.ones((), loss.dtype))
+        anchor0 = _traced_leaves(traced, state if buffer is None else buffer.anchor)
+        lead = ()
+
+    zeros_p = [jnp.zeros(lead + v.aval.shape, v.aval.dtype) for v in pvars] if diagonal else []
+    _, vjp, (loss, aux) = jax.vjp(loss_of, diff_weights, anchor0, zeros_p, has_aux=True)
+    y, new_state, advanced, new_buffer, record, xs0, hidden0 = aux
+    g_w, g_h, g_p = vjp(jnp.ones((), loss.dtype))
     it = iter(g_w)
     grads = [next(it) if ok else None for ok in inexact]
     operands = {i: a for i, (a, _) in record.items()}
     outputs = {i: o for i, (_, o) in record.items()}
 
-    cols = _group_columns(graph) if perturb is not None else []
-    delta = tuple(jnp.stack([g_p[k] for k in c], axis=-1) for c in cols)
-    jacobians = lambda xs, hidden, outputs: _jacobians(graph, weights, xs, hidden, outputs)  # noqa: E731
-    d_total, d_local, d_f = (jax.vmap(jacobians) if batched else jacobians)(xs, hidden, outputs)
-    signal = tuple(jnp.einsum("...s,...sc->...c", dl, d) for dl, d in zip(delta, d_local))
-    return StepLinearisation(y, new_state, loss, grads, operands, d_total, signal, d_f)
+    def jacobians(xs, hidden, outputs):
+        return _jacobians(graph, weights, xs, hidden, outputs, diagonal)
+
+    d_total, d_local, d_f = (jax.vmap(jacobians) if batched else jacobians)(xs0, hidden0, outputs)
+    cols = _group_columns(traced_paths, graph)
+    signal = tuple(jnp.stack([g_h[k] for k in c], axis=-1) for c in cols)
+    if diagonal:
+        delta = (jnp.stack([g_p[k] for k in c], axis=-1) for c in cols)
+        signal = tuple(s + jnp.einsum("...s,...sc->...c", dl, d) for s, dl, d in zip(signal, delta, d_local))
+    return StepLinearisation(y, new_state, loss, grads, signal, advanced, new_buffer, operands, d_total, d_f)
 
 
-def _jacobians(graph: ETraceGraph, weights: list, xs: list, hidden: list, outputs: dict):
-    """For one example: the blocks `∂h_t/∂h_{t-1}` (total and with the step's other new values held
-    fixed) and `∂h_t/∂y` of every relation's operation, all with ETP outputs held fixed."""
+def _loss(loss_fn: Callable, graph: ETraceGraph, outs: list, target) -> jax.Array:
+    loss = loss_fn(unflatten_step_outputs(graph, outs)[0], target)
+    check_scalar_loss(loss)
+    return loss
+
+
+def _traced_leaves(traced: list[int], state) -> list:
+    leaves = jtu.tree_leaves(eqx.filter(state, eqx.is_array))
+    return [leaves[i] for i in traced]
+
+
+def _jacobians(graph: ETraceGraph, weights: list, xs: list, hidden: list, outputs: dict, diagonal: bool):
+    """For one example: the blocks `∂h_t/∂h_{t-1}` (total, and with the step's other new values
+    held fixed when `diagonal`) and `∂h_t/∂y` of every relation's operation, all with ETP outputs
+    held fixed."""
     info = graph.module_info
     closed = info.closed_jaxpr
     perturb = graph.hidden_perturb
@@ -151,7 +240,7 @@ def _jacobians(graph: ETraceGraph, weights: list, xs: list, hidden: list, output
     pvars = perturb.perturb_vars
     hidden_index = {p: i for i, p in enumerate(info.hidden_paths)}
     traced = [hidden_index[p] for p in perturb.hidden_paths]
-    cols = _group_columns(graph)
+    cols = _group_columns(perturb.hidden_paths, graph)
 
     # The cut transition: new hidden values from old ones with every ETP output held fixed.
     def transition(h_traced, ys, detach):
@@ -172,11 +261,10 @@ def _jacobians(graph: ETraceGraph, weights: list, xs: list, hidden: list, output
     h0 = [hidden[i] for i in traced]
     _, jvp_h = jax.linearize(lambda h: transition(h, outputs, False), h0)
     d_total = tuple(_blocks(jvp_h, h0, g, c) for g, c in zip(graph.hidden_groups, cols))
-    if perturb.chained:
+    d_local = d_total
+    if diagonal and perturb.chained:
         _, jvp_l = jax.linearize(lambda h: transition(h, outputs, True), h0)
         d_local = tuple(_blocks(jvp_l, h0, g, c) for g, c in zip(graph.hidden_groups, cols))
-    else:
-        d_local = d_total
 
     d_f: dict = {}
     rel_eqns = sorted({r.eqn_index for r in graph.hidden_param_op_relations})
@@ -199,6 +287,11 @@ def apply_blocks(d: jax.Array, trace: jax.Array) -> jax.Array:
     are `varshape + (S,)` (leading axes, e.g. a weight's input axis, are broadcast)."""
     d = jnp.broadcast_to(d, trace.shape[:-1] + d.shape[-2:])
     return jnp.einsum("...sc,...c->...s", d, trace)
+
+
+def advance(lin: StepLinearisation, new, old):
+    """`new` where the window's first step was a real one, else `old` (the traces wait)."""
+    return _select(lin.advanced, new, old)
 
 
 def unflatten_grads(params, flat_grads: list):

@@ -1,6 +1,7 @@
 """`compile_etrace_graph`: trace one step, inline nested calls, check it, and assemble the graph
 from the data-flow analyses (hidden groups, relations, perturbation points)."""
 
+import contextlib
 import types
 
 import equinox as eqx
@@ -34,6 +35,11 @@ def key_to_path(keypath) -> Path:
     return tuple(out)
 
 
+def canonical_dtype(dtype):
+    """The dtype JAX computes in for an input of `dtype` (NumPy's float64 is float32 without x64)."""
+    return jax.dtypes.canonicalize_dtype(dtype, allow_extended_dtype=True)
+
+
 def _paths(tree) -> tuple[Path, ...]:
     return tuple(key_to_path(p) for p, _ in jtu.tree_flatten_with_path(tree)[0])
 
@@ -45,6 +51,48 @@ def _check_leaves_are_arrays(tree, name: str) -> None:
                 f"`{name}` must be a pytree of JAX arrays, but the leaf at {key_to_path(path)} is a "
                 f"{type(leaf).__name__} ({leaf!r}). Use `jnp.asarray(...)` for it."
             )
+
+
+def _check_real(tree, name: str) -> None:
+    for path, leaf in jtu.tree_flatten_with_path(eqx.filter(tree, eqx.is_array))[0]:
+        if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+            raise TypeError(
+                f"`{name}` leaf at {key_to_path(path)} is {leaf.dtype}: eqtrace traces real weights and "
+                "states only. Keep a complex quantity as two real arrays (its real and imaginary parts)."
+            )
+
+
+def _state_mismatch(model, state) -> str | None:
+    """A message naming the first leaf of `state` whose shape differs from `model.init_state()`'s."""
+    try:
+        want = eqx.filter_eval_shape(model.init_state)
+    except Exception:
+        return None
+    if jtu.tree_structure(want) != jtu.tree_structure(state):
+        return None
+    for (path, w), s in zip(jtu.tree_flatten_with_path(want)[0], jtu.tree_leaves(state)):
+        got, expected = getattr(s, "shape", None), getattr(w, "shape", None)
+        if got != expected:
+            return (
+                f"`state` leaf at {key_to_path(path)} has shape {got}, but `model.init_state()` makes "
+                f"it {expected}: this state does not fit the model. Start from `model.init_state()`, "
+                "or a state of its shapes"
+                + ("; batch with `jax.vmap`." if len(got or ()) > len(expected or ()) else ".")
+            )
+    return None
+
+
+@contextlib.contextmanager
+def naming_state_mismatch(model, state):
+    """Let errors raised while running `model` on `state` through, unless a leaf of `state` has
+    another shape than in `model.init_state()`: then raise a `ValueError` that names that leaf."""
+    try:
+        yield
+    except Exception as error:
+        message = _state_mismatch(model, state)
+        if message is None:
+            raise
+        raise ValueError(message) from error
 
 
 def _split_output(out, state):
@@ -70,7 +118,7 @@ def _check_state_preserved(state, new_state) -> None:
             raise TypeError(
                 f"The new state leaf at {key_to_path(path)} is a {type(new).__name__}, expected an array."
             )
-        if old.shape != new.shape or old.dtype != new.dtype:
+        if old.shape != new.shape or canonical_dtype(old.dtype) != new.dtype:
             raise ValueError(
                 f"The hidden state at {key_to_path(path)} changes across the step: it enters as "
                 f"{old.dtype}{list(old.shape)} and leaves as {new.dtype}{list(new.shape)}. A hidden "
@@ -84,6 +132,8 @@ def _trace(model, x, state):
         raise TypeError(f"`model` must be callable as `model(x, state)`, got {type(model).__name__}.")
     _check_leaves_are_arrays(x, "x")
     _check_leaves_are_arrays(state, "state")
+    _check_real(model, "model")
+    _check_real(state, "state")
     dynamic, static = eqx.partition((model, x, state), eqx.is_array)
     leaves, in_treedef = jtu.tree_flatten(dynamic)
 
@@ -94,7 +144,20 @@ def _trace(model, x, state):
 
     closed, out_shape, out_static = eqx.filter_make_jaxpr(step)(*leaves)
     _check_state_preserved(state, eqx.combine(out_shape, out_static)[1])
-    flat = jax.make_jaxpr(lambda *a: inline_eval(closed, a))(*leaves)
+    n_h = len(jtu.tree_leaves(eqx.filter(state, eqx.is_array)))
+
+    def flat_step(*args):
+        outs = inline_eval(closed, args)
+        # A state leaf that takes another leaf's old value (a delay line, a swap) is produced by the
+        # step like any other: a copy gives it an equation, so it is traced with its group.
+        old = list(args[len(args) - n_h :])
+        for i in range(n_h):
+            k = len(outs) - n_h + i
+            if any(outs[k] is h for j, h in enumerate(old) if j != i):
+                outs[k] = jnp.copy(outs[k])
+        return outs
+
+    flat = jax.make_jaxpr(flat_step)(*leaves)
     out_treedef = jtu.tree_structure(out_shape)
     return flat, in_treedef, static, out_treedef, out_static
 
@@ -127,7 +190,8 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
         if not hasattr(model, "init_state"):
             raise TypeError("`state` was not given and `model` has no `init_state()` method to make one.")
         state = model.init_state()
-    flat, in_treedef, static, out_treedef, out_static = _trace(model, x, state)
+    with naming_state_mismatch(model, state):
+        flat, in_treedef, static, out_treedef, out_static = _trace(model, x, state)
     jaxpr = flat.jaxpr
 
     weight_paths = _paths(eqx.filter(model, eqx.is_array))
@@ -174,7 +238,7 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
         seen_vars[hidden_out[i]] = i
 
     groups = find_hidden_groups(jaxpr, hidden_in, hidden_out, hidden_paths, hidden_avals, traced)
-    relations, excluded = find_relations(
+    relations, excluded, partly = find_relations(
         jaxpr, weight_vars, weight_paths, hidden_out, hidden_paths, traced, groups
     )
 
@@ -208,6 +272,7 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
         hid_path_to_group=types.MappingProxyType(hid_path_to_group),
         hidden_param_op_relations=tuple(relations),
         excluded_weights=tuple(excluded),
+        partly_traced_weights=tuple(partly),
         hidden_perturb=perturb,
         untraced_hidden_paths=tuple(p for i, p in enumerate(hidden_paths) if i not in traced),
     )

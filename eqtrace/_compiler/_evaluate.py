@@ -8,24 +8,12 @@ from .._jax_internals import (
     closed_call_body,
     ClosedJaxpr,
     CONTROL_FLOW,
-    custom_call_body,
+    CUSTOM_CALLS,
     Literal,
+    source_location,
     Var,
 )
 from .._ops import etp_op_of
-
-
-def _contains_etp_op(closed: ClosedJaxpr) -> bool:
-    for eqn in closed.jaxpr.eqns:
-        if etp_op_of(eqn.primitive) is not None:
-            return True
-        for sub in _sub_jaxprs(eqn):
-            if _contains_etp_op(sub):
-                return True
-        body = closed_call_body(eqn) or custom_call_body(eqn)
-        if body is not None and _contains_etp_op(body):
-            return True
-    return False
 
 
 def _sub_jaxprs(eqn) -> list[ClosedJaxpr]:
@@ -39,9 +27,44 @@ def _sub_jaxprs(eqn) -> list[ClosedJaxpr]:
     return subs
 
 
+def _etp_ops_inside(eqn) -> list[str]:
+    """The names of the ETP operations inside `eqn`'s sub-jaxprs, at any depth."""
+    found = []
+    for sub in _sub_jaxprs(eqn):
+        for inner in sub.jaxpr.eqns:
+            op = etp_op_of(inner.primitive)
+            found += [op.name] if op is not None else _etp_ops_inside(inner)
+    return found
+
+
+def _refuse(eqn, found: list[str]) -> ValueError:
+    """The error for ETP operations inside an equation that eqtrace cannot inline."""
+    ops = ", ".join(sorted(set(found)))
+    at = source_location(eqn)
+    where = f"An ETP operation ({ops}) is used inside `{eqn.primitive.name}`" + (f" at {at}" if at else "")
+    where += " within the step."
+    if eqn.primitive in CUSTOM_CALLS:
+        return ValueError(
+            f"{where} That is a function with a custom derivative (`jax.custom_jvp` or "
+            "`jax.custom_vjp`) around an ETP operation: the online rules record each ETP operation's "
+            "operands and hold its output fixed, which cannot be done inside a custom derivative rule "
+            "without bypassing it. Apply the custom derivative to the non-linearity only and call the "
+            "ETP operation outside it, as the surrogate spike functions of `eqtrace.nn` do: "
+            "`spike(eqtrace.matmul(x, w))` with `spike` a `jax.custom_jvp`, not a custom rule around "
+            "`eqtrace.matmul`."
+        )
+    if eqn.primitive in CONTROL_FLOW:
+        return ValueError(
+            f"{where} eqtrace traces one time step: move the loop out of the model's `__call__` (the "
+            "drivers scan over time), or use plain `jnp` operations inside the loop."
+        )
+    return ValueError(f"{where} ETP operations must stand in the step itself or in `jax.jit` calls.")
+
+
 def inline_eval(closed: ClosedJaxpr, args: Sequence) -> list:
     """Evaluate `closed`, inlining nested `jit`/`closed_call`/`remat` bodies; under `jax.make_jaxpr`
-    this yields a flat jaxpr. ETP operations inside control flow are refused."""
+    this yields a flat jaxpr. ETP operations inside any other equation with a body (control flow,
+    custom derivatives) are refused."""
     env: dict = {}
     read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
     for var, val in zip(closed.jaxpr.constvars, closed.consts):
@@ -54,12 +77,9 @@ def inline_eval(closed: ClosedJaxpr, args: Sequence) -> list:
         if body is not None:
             outs = inline_eval(body, invals)
         else:
-            if eqn.primitive in CONTROL_FLOW and any(_contains_etp_op(s) for s in _sub_jaxprs(eqn)):
-                raise ValueError(
-                    f"An ETP operation is used inside `{eqn.primitive.name}` within the step. eqtrace "
-                    "traces one time step: move the loop out of the model's `__call__` (the drivers "
-                    "scan over time), or use plain `jnp` operations inside the loop."
-                )
+            found = _etp_ops_inside(eqn)
+            if found:
+                raise _refuse(eqn, found)
             outs = bind_equation(eqn, invals)
         for var, val in zip(eqn.outvars, outs):
             if isinstance(var, Var):

@@ -61,8 +61,8 @@ class HiddenGroup:
       blocks are the whole hidden Jacobian. `False` when a non-ETP operation mixes positions.
     - `recurrent`: `False` when no new state depends on an old one except through ETP operations
       (a vanilla RNN: `h' = tanh(W [x; h])`). Then `D = ∂h_t/∂h_{t-1} = 0` with ETP outputs held
-      fixed, every trace of the group would stay at its same-step value, and the algorithms keep
-      none: its weights get their exact same-step gradient.
+      fixed: each trace of the group holds one step's value, which the learning signal carried
+      back through the full step Jacobian (the default `window >= 1`) credits.
     """
 
     index: int
@@ -100,7 +100,11 @@ class HiddenParamOpRelation:
     - `position_diagonal`: `True` when each output position reads its own entries of the weight
       (`x @ W` with a vector `x`, `fn(w)`), so that a weight-shaped trace with a state axis is exact
       per position (D-RTRL). `False` for a kernel shared across positions (convolution): D-RTRL
-      gives such a weight its same-step gradient only; ES-D-RTRL traces it.
+      gives such a weight its exact gradient within the window only; ES-D-RTRL traces it.
+    - `input_axes`: for a position-diagonal relation, the weight's axes that index no output
+      position: `(0,)` for `W` in `x @ W`, `()` for a bias or `fn(w)`, `(1,)` for the `(E, I, O)`
+      weight of an ensemble of `E` layers under `jax.vmap`. The weight's other axes are the output's
+      positions, in order; per-position quantities act on its trace broadcast along these axes.
     """
 
     weight_path: Path
@@ -111,6 +115,7 @@ class HiddenParamOpRelation:
     y_shape: tuple[int, ...]
     elementwise_tail: bool = True
     position_diagonal: bool = True
+    input_axes: tuple[int, ...] = ()
 
 
 EXCLUSION_REASONS = types.MappingProxyType(
@@ -122,19 +127,22 @@ EXCLUSION_REASONS = types.MappingProxyType(
         "ETP operation",
         "not_element_wise": "its ETP operation's output reaches a hidden state through an operation "
         "that mixes positions",
+        "untraced_use": "in a relation, but also reaches a hidden state through an operation that is "
+        "not one of its traced ETP operations (partly traced)",
     }
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class ExcludedWeight:
-    """A trainable leaf outside every relation. It still gets its exact same-step gradient.
+    """A trainable leaf outside every relation. It still gets its exact gradient within the rules'
+    window (with `window=1`, its same-step gradient).
 
     **Fields:**
 
     - `weight_path`: key path of the leaf in the model.
     - `reason`: one of `no_etp_op`, `weight_to_weight`, `non_temporal`, `via_other_etp_op`,
-      `not_element_wise`.
+      `not_element_wise`; or, for a weight that is partly traced, `untraced_use`.
     - `detail`: a sentence that names the operation(s) involved.
     """
 
@@ -177,8 +185,16 @@ class ETraceGraph:
       ([`eqtrace.ExcludedWeight`][]).
     - `hidden_perturb`: the [`eqtrace.HiddenPerturbation`][] (or `None` if no state is produced
       inside the step).
+    - `partly_traced_weights`: weights in a relation that also reach a hidden state through a use
+      the traces do not follow (e.g. `eqtrace.matmul(x, W) + x @ W`), each with its reason
+      (`untraced_use`): that use is credited within the rules' exact window only.
     - `untraced_hidden_paths`: states that are not traced (integer states, or states the step passes
       through unchanged).
+
+    A graph holds a traced JAX program of the model's step, so it is recompiled, not saved: it
+    cannot be pickled, and `eqx.tree_serialise_leaves` writes nothing for it (it has no array
+    leaves). Save the model, and call `eqtrace.compile_etrace_graph(model, x, state)` after loading
+    it. Copies (`copy.copy`, `copy.deepcopy`) are the graph itself, which is immutable.
     """
 
     module_info: ModuleInfo
@@ -187,7 +203,21 @@ class ETraceGraph:
     hidden_param_op_relations: tuple[HiddenParamOpRelation, ...]
     excluded_weights: tuple[ExcludedWeight, ...]
     hidden_perturb: HiddenPerturbation | None
+    partly_traced_weights: tuple[ExcludedWeight, ...] = ()
     untraced_hidden_paths: tuple[Path, ...] = ()
+
+    def __reduce__(self):
+        raise TypeError(
+            "An `ETraceGraph` cannot be pickled: it holds a traced JAX program of the model's step. "
+            "Graphs are recompiled, not saved: save the model (e.g. with `eqx.tree_serialise_leaves`) "
+            "and, after loading it, recompile with `eqtrace.compile_etrace_graph(model, x, state)`."
+        )
+
+    def __copy__(self) -> "ETraceGraph":
+        return self
+
+    def __deepcopy__(self, memo) -> "ETraceGraph":
+        return self
 
     def dict(self) -> dict:
         """The fields as a dictionary (as `NamedTuple._asdict` would give)."""

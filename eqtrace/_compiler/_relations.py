@@ -13,9 +13,10 @@ _REASON_PRIORITY = ("not_element_wise", "via_other_etp_op", "non_temporal", "wei
 
 def find_relations(
     jaxpr, weight_vars, weight_paths, hidden_out, hidden_paths, traced, groups: list[HiddenGroup]
-) -> tuple[list[HiddenParamOpRelation], list[ExcludedWeight]]:
+) -> tuple[list[HiddenParamOpRelation], list[ExcludedWeight], list[ExcludedWeight]]:
     """Each ETP equation's weight operands and the groups its output reaches element-wise; every
-    other inexact weight leaf with the reason it is in no relation."""
+    other inexact weight leaf with the reason it is in no relation; and the weights in a relation
+    that also reach a hidden state by another, untraced, use."""
     group_of = {hidden_paths.index(p): g for g in groups for p in g.hidden_paths}
     weight_index = {v: i for i, v in enumerate(weight_vars)}
     wdeps = weight_dependencies(jaxpr, weight_vars)
@@ -53,6 +54,8 @@ def find_relations(
                     )
                 )
             elif ew:
+                shapes = [shape(v) for v in eqn.invars]
+                input_axes = op.input_axes(j, shapes, shape(eqn.outvars[0]), eqn.params)
                 relations.append(
                     HiddenParamOpRelation(
                         weight_path=weight_paths[w],
@@ -61,7 +64,8 @@ def find_relations(
                         eqn_index=e,
                         operand_index=j,
                         y_shape=shape(eqn.outvars[0]),
-                        position_diagonal=op.position_diagonal(*(shape(v) for v in eqn.invars)),
+                        position_diagonal=input_axes is not None,
+                        input_axes=input_axes or (),
                     )
                 )
             elif via_etp:
@@ -76,6 +80,13 @@ def find_relations(
                 notes.setdefault(w, []).append(("non_temporal", f"{op.name} output reaches no hidden state"))
 
     in_relation = {r.weight_path for r in relations}
+    partly = []
+    for w, path in enumerate(weight_paths):
+        if path in in_relation:
+            traced_uses = {(r.eqn_index, r.operand_index) for r in relations if r.weight_path == path}
+            detail = _untraced_use(jaxpr, weight_vars[w], traced_uses, [hidden_out[i] for i in traced])
+            if detail is not None:
+                partly.append(ExcludedWeight(path, "untraced_use", detail))
     excluded: list[ExcludedWeight] = []
     for w, path in enumerate(weight_paths):
         if path in in_relation or not jnp.issubdtype(weight_vars[w].aval.dtype, jnp.inexact):
@@ -85,4 +96,25 @@ def find_relations(
             continue
         reason, detail = min(notes[w], key=lambda rd: _REASON_PRIORITY.index(rd[0]))
         excluded.append(ExcludedWeight(path, reason, detail))
-    return relations, excluded
+    return relations, excluded, partly
+
+
+def _untraced_use(jaxpr, var, traced_uses: set, hidden_vars: list) -> str | None:
+    """How `var` reaches a new hidden value other than through its traced uses (ETP operands of its
+    relations), e.g. a weight used by both `eqtrace.matmul` and a plain `@`; `None` if it does not."""
+    live, first = {var}, {}
+    for e, eqn in enumerate(jaxpr.eqns):
+        reads = [j for j, v in enumerate(eqn.invars) if not isinstance(v, Literal) and v in live]
+        reads = [j for j in reads if (e, j) not in traced_uses]
+        if reads:
+            for o in eqn.outvars:
+                live.add(o)
+                first[o] = first.get(eqn.invars[reads[0]], (e, eqn.primitive.name))
+    reached = [first[h] for h in hidden_vars if h in live and h in first]
+    if not reached:
+        return None
+    e, name = reached[0]
+    return (
+        f"also used by `{name}` (equation {e}), outside its traced ETP operation(s): that path to the "
+        "hidden state is credited within the window only"
+    )

@@ -22,7 +22,7 @@ def format_graph(graph: ETraceGraph) -> str:
     for g in graph.hidden_groups:
         kind = "position-wise" if g.position_wise else "mixes positions (dense Jacobian diagonal)"
         if not g.recurrent:
-            kind = "no recurrence outside ETP ops (D = 0: same-step gradients only)"
+            kind = "no recurrence outside ETP ops (D = 0: each trace holds one step)"
         lines.append(
             f"  [{g.index}] {_plural(g.num_state, 'state')} of shape {g.varshape}, {g.dtype}; {kind}"
         )
@@ -38,12 +38,17 @@ def format_graph(graph: ETraceGraph) -> str:
         lines.append(f"  {_p(r.weight_path):<{width}}  --{r.primitive.name}-->  {groups}{shared}")
     if not graph.hidden_param_op_relations:
         lines.append("  (none)")
-    lines += ["", "Weights outside any relation (exact same-step gradient only)"]
+    lines += ["", "Weights outside any relation (no trace: exact gradient within the window only)"]
     width = max((len(_p(w.weight_path)) for w in graph.excluded_weights), default=0)
     for w in graph.excluded_weights:
         lines.append(f"  {_p(w.weight_path):<{width}}  {w.reason}: {w.detail}")
     if not graph.excluded_weights:
         lines.append("  (none)")
+    if graph.partly_traced_weights:
+        lines += ["", "Weights partly traced (a use outside their ETP operations is not traced)"]
+        width = max(len(_p(w.weight_path)) for w in graph.partly_traced_weights)
+        for w in graph.partly_traced_weights:
+            lines.append(f"  {_p(w.weight_path):<{width}}  {w.reason}: {w.detail}")
     if graph.untraced_hidden_paths:
         lines += ["", "Hidden states not traced (integer, or passed through unchanged)"]
         lines += [f"  {_p(p)}" for p in graph.untraced_hidden_paths]

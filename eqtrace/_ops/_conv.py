@@ -9,13 +9,9 @@ from ._registry import register_etp_op
 
 
 def _conv_impl(x, w, b=None, *, stride, padding, dilation):
-    num_spatial = w.ndim - 2
-    lead = x.shape[: x.ndim - num_spatial - 1]
-    xb = x.reshape((-1,) + x.shape[len(lead) :])
-    y = lax.conv_general_dilated(xb, w, window_strides=stride, padding=padding, rhs_dilation=dilation)
-    y = y.reshape(lead + y.shape[1:])
+    y = lax.conv_general_dilated(x[None], w, window_strides=stride, padding=padding, rhs_dilation=dilation)[0]
     if b is not None:
-        y = y + jnp.broadcast_to(b.reshape(b.shape + (1,) * num_spatial), y.shape)
+        y = y + jnp.broadcast_to(b.reshape(b.shape + (1,) * (w.ndim - 2)), y.shape)
     return y
 
 
