@@ -1,7 +1,9 @@
 """Graph compilation and visualisation: the braintrace tutorial, in eqtrace's idiom.
 
 Three models are compiled into an `eqtrace.ETraceGraph` and inspected: a single-layer RNN, two
-stacked GRUs, and a convolution feeding an RNN. See `docs/tutorials/graph-compilation.md`.
+stacked GRUs, and a convolution feeding an RNN; a fourth, with a delay line and a weight used both
+inside and outside an ETP operation, shows what the graph reports beyond the tutorial. See
+`docs/tutorials/graph-compilation.md`.
 
 Run it with `python examples/graph_compilation.py`; `main(small=True)` uses small sizes (for tests).
 """
@@ -77,6 +79,26 @@ class ConvRNN(eqx.Module):
         return {"rnn": self.rnn.init_state()}
 
 
+class DelayLineRNN(eqx.Module):
+    rnn: enn.IndRNNCell
+    out: enn.Linear
+
+    def __init__(self, n_in, n_rec, n_out, *, key):
+        k1, k2 = jax.random.split(key)
+        self.rnn = enn.IndRNNCell(n_in, n_rec, activation=jnp.tanh, key=k1)
+        self.out = enn.Linear(2 * n_rec, n_out, key=k2)
+
+    def __call__(self, x, state):
+        h = self.rnn(x, enn.IndRNNState(h=state["h"])).h
+        h = h + 0.5 * (x @ self.rnn.W.weight)  # the input weight again, outside `eqtrace.matmul`
+        y = self.out(jnp.concatenate([h, state["h_prev"]]))  # h_t and h_{t-2}
+        return y, {"h": h, "h_prev": state["h"]}  # `h_prev` copies the old `h`: a delay line
+
+    def init_state(self):
+        zeros = jnp.zeros(self.rnn.hidden_size)
+        return {"h": zeros, "h_prev": zeros}
+
+
 # ---------------------------------------------------------------------------------------------
 # Inspection
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +124,7 @@ def inspect_graph(graph: eqtrace.ETraceGraph) -> None:
         for path, producer in zip(graph.hidden_perturb.hidden_paths, graph.hidden_perturb.producers):
             print(f"    {path} <- {producer}")
 
-    print("\n=== Excluded Weights (exact same-step gradient only) ===")
+    print("\n=== Excluded Weights (no trace: exact gradient within the window only) ===")
     for w in graph.excluded_weights:
         print(f"  {w.weight_path}: {w.reason}")
 
@@ -110,7 +132,8 @@ def inspect_graph(graph: eqtrace.ETraceGraph) -> None:
 def main(small: bool = False) -> None:
     n_in, n_rec, n_out = (4, 8, 3) if small else (10, 32, 5)
     size, channels, conv_rec = (6, 2, 8) if small else (28, 8, 64)
-    key1, key2, key3, key4 = jax.random.split(jax.random.key(0), 4)
+    steps = 6 if small else 20
+    key1, key2, key3, key4, key5 = jax.random.split(jax.random.key(0), 5)
 
     # --- Single-layer RNN -----------------------------------------------------------------
     print("## Single-layer RNN\n")
@@ -170,6 +193,22 @@ def main(small: bool = False) -> None:
     print("\nGraph fields:")
     for key in graph_direct.dict().keys():
         print(f"  {key}")
+
+    # --- Delay lines and weights with an untraced use -------------------------------------
+    print("\n## Delay lines and weights with an untraced use\n")
+    model5 = DelayLineRNN(n_in, n_rec, n_out, key=key5)
+    eqtrace.show_graph(eqtrace.compile_etrace_graph(model5, jnp.zeros(n_in)))
+
+    xs = jax.random.normal(jax.random.key(1), (steps, n_in))  # (time, features)
+    targets = jnp.zeros((steps, n_out))
+    loss_fn = lambda y, target: jnp.sum((y - target) ** 2)
+    g_bptt, _ = eqtrace.bptt_grad(model5, model5.init_state(), xs, targets, loss_fn)
+    for window in (1, steps):
+        g, _ = eqtrace.online_grad(model5, model5.init_state(), xs, targets, loss_fn, window=window)
+        print(f"\nwindow={window}: relative error against BPTT")
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_bptt)):
+            error = jnp.linalg.norm(a - b) / jnp.linalg.norm(b)
+            print(f"  {jax.tree_util.keystr(path):<14} {float(error):.0e}")
 
 
 if __name__ == "__main__":
