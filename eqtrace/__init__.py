@@ -1,12 +1,15 @@
 from . import nn as nn
 from ._algorithms import (
+    AbstractOnlineAlgorithm as AbstractOnlineAlgorithm,
     batch_grad as batch_grad,
     bptt_grad as bptt_grad,
     d_rtrl_init as d_rtrl_init,
     d_rtrl_step as d_rtrl_step,
+    DRTRL as DRTRL,
     DRTRLTraces as DRTRLTraces,
     es_d_rtrl_init as es_d_rtrl_init,
     es_d_rtrl_step as es_d_rtrl_step,
+    ESDRTRL as ESDRTRL,
     ESDRTRLTraces as ESDRTRLTraces,
     online_grad as online_grad,
     WindowBuffer as WindowBuffer,

@@ -8,8 +8,8 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
-from ._algorithms import bptt_grad, online_grad
-from ._algorithms._drivers import _check_algorithm, graph_for
+from ._algorithms import AbstractOnlineAlgorithm, bptt_grad, online_grad
+from ._algorithms._drivers import as_algorithm, graph_for
 from ._algorithms._inputs import check_sequences, step_example
 from ._compiler import ETraceGraph
 from ._compiler._compile import key_to_path
@@ -64,9 +64,7 @@ class GradientCheck:
 
     **Fields:**
 
-    - `algorithm`: the rule checked (`"d_rtrl"` or `"es_d_rtrl"`).
-    - `options`: the rule's options as given, as a tuple of `(name, value)` pairs.
-    - `window`: the rule's window `K` (`options`' `window`, default 1).
+    - `algorithm`: the rule checked, e.g. [`eqtrace.DRTRL`][]`(window=1)`.
     - `num_steps`: the length of the sequence checked.
     - `rows`: a [`eqtrace.GradientCheckRow`][] per trainable (inexact) leaf, in the model's order.
     - `total`: the row of the whole model's gradient, all leaves together.
@@ -75,9 +73,7 @@ class GradientCheck:
     `path`.
     """
 
-    algorithm: str
-    options: tuple[tuple[str, object], ...]
-    window: int
+    algorithm: AbstractOnlineAlgorithm
     num_steps: int
     rows: tuple[GradientCheckRow, ...]
     total: GradientCheckRow
@@ -114,18 +110,20 @@ def _compare(path, status, reason, detail, g: np.ndarray, g_bptt: np.ndarray) ->
     return GradientCheckRow(path, status, reason, detail, cosine, error, norm, norm_bptt)
 
 
-def _status(graph: ETraceGraph, path: Path, algorithm: str, window: int) -> tuple[str, str | None, str]:
-    """How `algorithm` credits the leaf at `path`: `(status, reason, detail)`."""
-    untraced = "window only" if window > 1 else "same-step only"
+def _status(graph: ETraceGraph, path: Path, rule: AbstractOnlineAlgorithm) -> tuple[str, str | None, str]:
+    """How `rule` credits the leaf at `path`: `(status, reason, detail)`."""
+    untraced = "window only" if getattr(rule, "window", 1) > 1 else "same-step only"
     relations = [r for r in graph.hidden_param_op_relations if r.weight_path == path]
-    traced = [r for r in relations if algorithm == "es_d_rtrl" or r.position_diagonal]
+    traced = [r for r in relations if rule.traces_relation(r)]
     shared = [r for r in relations if r not in traced]
     partly = [w for w in graph.partly_traced_weights if w.weight_path == path]
     excluded = [w for w in graph.excluded_weights if w.weight_path == path]
     if shared:
         reason: str | None = "shared_across_positions"
         names = ", ".join(sorted({r.primitive.name for r in shared}))
-        detail = f"{names}: its kernel is shared across positions; D-RTRL keeps no trace for it"
+        detail = (
+            f"{names}: its kernel is shared across positions; {type(rule).__name__} keeps no trace for it"
+        )
     elif partly:
         reason, detail = partly[0].reason, partly[0].detail
     elif excluded:
@@ -152,7 +150,7 @@ def check_gradient(
     xs: PyTree,
     targets: PyTree,
     loss_fn: Callable,
-    algorithm: str = "d_rtrl",
+    algorithm: str | AbstractOnlineAlgorithm = "d_rtrl",
     *,
     graph: ETraceGraph | None = None,
     verbose: bool = True,
@@ -185,11 +183,11 @@ def check_gradient(
 
     - `model`, `state`, `xs`, `targets`, `loss_fn`: as for [`eqtrace.online_grad`][] (one example:
       `xs` and `targets` with a leading time axis).
-    - `algorithm`: `"d_rtrl"`, or `"es_d_rtrl"` (alias `"pp_prop"`).
+    - `algorithm`: the rule, as for [`eqtrace.online_grad`][]: an object such as
+      [`eqtrace.DRTRL`][]`(window=2)`, or a shorthand string with `options`.
     - `graph`: a precompiled [`eqtrace.ETraceGraph`][] (optional).
     - `verbose`: print the table.
-    - `options`: the rule's options, as for [`eqtrace.online_grad`][]: `window=K` (default 1), and
-      `decay`, `normalise` for ES-D-RTRL.
+    - `options`: with a shorthand string, the rule's options, as for [`eqtrace.online_grad`][].
 
     **Returns:**
 
@@ -204,14 +202,13 @@ def check_gradient(
         print(check[("rnn", "W", "weight")].status)  # 'traced'
         ```
     """
-    name = _check_algorithm(algorithm)
-    window = options.get("window", 1)
+    rule = as_algorithm(algorithm, options)
     num_steps = check_sequences(xs, targets)[0]
     if graph is None:
         graph = graph_for(model, step_example(xs, 1), state)
     else:
         check_graph_matches(graph, model, step_example(xs, 1), state)
-    online, _ = online_grad(model, state, xs, targets, loss_fn, algorithm, graph=graph, **options)
+    online, _ = online_grad(model, state, xs, targets, loss_fn, rule, graph=graph)
     reference, _ = bptt_grad(model, state, xs, targets, loss_fn)
 
     rows = []
@@ -220,21 +217,19 @@ def check_gradient(
     for (keypath, g_ref), g in zip(leaves, jtu.tree_leaves(online), strict=True):
         path = key_to_path(keypath)
         g, g_ref = np.asarray(g, np.float64).ravel(), np.asarray(g_ref, np.float64).ravel()
-        rows.append(_compare(path, *_status(graph, path, name, window), g, g_ref))
+        rows.append(_compare(path, *_status(graph, path, rule), g, g_ref))
         flat.append(g)
         flat_ref.append(g_ref)
     cat = lambda a: np.concatenate(a) if a else np.zeros(0)  # noqa: E731
     total = _compare(None, "whole model", None, "", cat(flat), cat(flat_ref))
-    check = GradientCheck(name, tuple(sorted(options.items())), window, num_steps, tuple(rows), total)
+    check = GradientCheck(rule, num_steps, tuple(rows), total)
     if verbose:
         print(check)
     return check
 
 
 def _format(check: GradientCheck) -> str:
-    options = dict(check.options, window=check.window)
-    head = f"{check.algorithm} (" + ", ".join(f"{k}={v!r}" for k, v in sorted(options.items())) + ")"
-    lines = [f"check_gradient: {head} against BPTT, {check.num_steps} steps", ""]
+    lines = [f"check_gradient: {check.algorithm} against BPTT, {check.num_steps} steps", ""]
     paths = [_p(r.path) for r in check.rows] + ["whole model"]
     statuses = [r.status for r in check.rows]
     wp = max(len("weight"), *map(len, paths))

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import equinox as eqx
 
-from ._algorithms._drivers import ALGORITHMS, online_grad
+from ._algorithms import AbstractOnlineAlgorithm, DRTRL, ESDRTRL
+from ._algorithms._drivers import online_grad
 from ._compiler import compile_etrace_graph, ETraceGraph, run_step, show_graph
 from ._compiler._run import check_graph_matches
 
@@ -21,14 +22,12 @@ class CompiledAlgorithm(eqx.Module):
     - `model`: the model.
     - `graph`: its [`eqtrace.ETraceGraph`][] (static: passing this object through `eqx.filter_jit`
       does not retrace).
-    - `name`: the algorithm (`"d_rtrl"` or `"es_d_rtrl"`).
-    - `options`: the algorithm's options (e.g. `decay` for ES-D-RTRL), as a tuple of pairs.
+    - `algorithm`: the rule, e.g. [`eqtrace.DRTRL`][]`(window=1)`.
     """
 
     model: eqx.Module
     graph: ETraceGraph = eqx.field(static=True)
-    name: str = eqx.field(static=True)
-    options: tuple = eqx.field(static=True, default=())
+    algorithm: AbstractOnlineAlgorithm
 
     def __reduce__(self):
         return self.graph.__reduce__()  # raises: graphs are recompiled, not pickled
@@ -49,32 +48,29 @@ class CompiledAlgorithm(eqx.Module):
     def init_traces(self, state):
         """The algorithm's initial traces, carrying the hidden `state`."""
         check_graph_matches(self.graph, self.model, state=state)
-        return ALGORITHMS[self.name][0](self.graph, self.model, state, **dict(self.options))
+        return self.algorithm.init(self.graph, self.model, state)
 
     def step(self, traces, x, target, loss_fn: Callable):
         """One online step: `(traces, y, loss, grads)`, as [`eqtrace.d_rtrl_step`][]."""
         check_graph_matches(self.graph, self.model, x, getattr(traces, "state", None))
-        return ALGORITHMS[self.name][1](self.graph, self.model, traces, x, target, loss_fn)
+        return self.algorithm.step(self.graph, self.model, traces, x, target, loss_fn)
 
     def online_grad(self, state, xs, targets, loss_fn: Callable):
         """`(grads, losses)` over a sequence, as [`eqtrace.online_grad`][]."""
-        return online_grad(
-            self.model, state, xs, targets, loss_fn, self.name, graph=self.graph, **dict(self.options)
-        )
+        return online_grad(self.model, state, xs, targets, loss_fn, self.algorithm, graph=self.graph)
 
 
 class _Algorithm(eqx.Module):
     model: eqx.AbstractVar[eqx.Module]
 
     @abc.abstractmethod
-    def _name_and_options(self) -> tuple[str, tuple]:
-        """The algorithm's name in `eqtrace.online_grad` and its options."""
+    def _rule(self) -> AbstractOnlineAlgorithm:
+        """The rule object with this front's options."""
 
     def compile_graph(self, x, state=None) -> CompiledAlgorithm:
         """Compile the model's graph for inputs shaped like `x` (and `state`, default
         `model.init_state()`), and return the compiled algorithm."""
-        name, options = self._name_and_options()
-        return CompiledAlgorithm(self.model, compile_etrace_graph(self.model, x, state), name, options)
+        return CompiledAlgorithm(self.model, compile_etrace_graph(self.model, x, state), self._rule())
 
 
 class D_RTRL(_Algorithm):
@@ -100,8 +96,8 @@ class D_RTRL(_Algorithm):
     model: eqx.Module
     window: int = eqx.field(static=True, default=1)
 
-    def _name_and_options(self):
-        return "d_rtrl", (("window", self.window),)
+    def _rule(self):
+        return DRTRL(window=self.window)
 
 
 class ES_D_RTRL(_Algorithm):
@@ -119,8 +115,8 @@ class ES_D_RTRL(_Algorithm):
     normalise: bool = eqx.field(static=True, default=True)
     window: int = eqx.field(static=True, default=1)
 
-    def _name_and_options(self):
-        return "es_d_rtrl", (("decay", self.decay), ("normalise", self.normalise), ("window", self.window))
+    def _rule(self):
+        return ESDRTRL(decay=self.decay, normalise=self.normalise, window=self.window)
 
 
 pp_prop = ES_D_RTRL

@@ -218,8 +218,8 @@ def test_numbers_match_bptt_and_online_grad(model_and_data, algorithm, options):
             continue
         got = (row.cosine, row.relative_error, row.norm, row.norm_bptt)
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
-    assert check.window == options.get("window", 1)
-    assert check.algorithm == ("es_d_rtrl" if algorithm == "pp_prop" else algorithm)
+    rule = {"d_rtrl": eqtrace.DRTRL, "es_d_rtrl": eqtrace.ESDRTRL, "pp_prop": eqtrace.ESDRTRL}[algorithm]
+    assert check.algorithm == rule(**options)
     assert check.num_steps == xs.shape[0]
 
 

@@ -71,20 +71,24 @@ def _batch_models():
     }
 
 
-@pytest.mark.parametrize("algorithm", ["d_rtrl", "es_d_rtrl"])
+@pytest.mark.parametrize(
+    "algorithm", ["d_rtrl", "es_d_rtrl", eqtrace.ESDRTRL(decay=0.5, window=2), "bptt"], ids=str
+)
 @pytest.mark.parametrize("name", ["rnn", "element_wise", "conv", "computed_weight"])
 def test_batch_grad_is_the_mean_of_single_sequences(name, algorithm):
-    """The batched driver runs each step on the whole batch; it must equal the mean of single runs."""
+    """The batched drivers (a whole batch per step; BPTT of the batch-mean loss) must equal the mean
+    of single runs."""
     model, x_shape = _batch_models()[name]
     kx, kt = jax.random.split(jax.random.key(3))
     xs = jax.random.normal(kx, (3, 6) + x_shape)
     ts = jax.random.normal(kt, (3, 6, 2))
     states = jax.vmap(lambda _: model.init_state())(jnp.arange(3))
-    grads, losses = eqtrace.batch_grad(eqtrace.online_grad, model, states, xs, ts, mse, algorithm=algorithm)
-    singles = [
-        eqtrace.online_grad(model, model.init_state(), xs[b], ts[b], mse, algorithm=algorithm)
-        for b in range(3)
-    ]
+    if algorithm == "bptt":
+        grad_fn, kwargs = eqtrace.bptt_grad, {}
+    else:
+        grad_fn, kwargs = eqtrace.online_grad, {"algorithm": algorithm}
+    grads, losses = eqtrace.batch_grad(grad_fn, model, states, xs, ts, mse, **kwargs)
+    singles = [grad_fn(model, model.init_state(), xs[b], ts[b], mse, **kwargs) for b in range(3)]
     mean = jax.tree.map(lambda *g: sum(g) / 3, *[g for g, _ in singles])
     assert_tree_allclose(grads, mean)
     assert_tree_allclose(losses, sum(l for _, l in singles) / 3)
@@ -114,7 +118,7 @@ def test_online_grad_under_filter_jit_and_unknown_algorithm():
     g_jit, _ = eqx.filter_jit(eqtrace.online_grad)(model, model.init_state(), xs, ts, mse)
     g, _ = eqtrace.online_grad(model, model.init_state(), xs, ts, mse)
     assert_tree_allclose(g_jit, g)
-    with pytest.raises(ValueError, match=r"`algorithm` must be one of"):
+    with pytest.raises(ValueError, match=r"`algorithm` must be a rule object .* or one of"):
         eqtrace.online_grad(model, model.init_state(), xs, ts, mse, algorithm="nope")
 
 
@@ -255,3 +259,37 @@ def test_graphs_are_compiled_once_per_structure():
     )
     assert again is first and other is not first
     assert len(_drivers._GRAPHS) <= _drivers._MAX_GRAPHS
+
+
+def test_rule_objects_and_shorthand_strings_agree():
+    model = SingleLayerRNN(3, 4, 2, key=jax.random.key(30))
+    xs, ts = _data(5, jax.random.key(31))
+    state = model.init_state()
+    for rule, name, options in [
+        (eqtrace.DRTRL(window=2), "d_rtrl", {"window": 2}),
+        (eqtrace.ESDRTRL(decay=0.5, normalise=False), "pp_prop", {"decay": 0.5, "normalise": False}),
+    ]:
+        g_rule, _ = eqx.filter_jit(eqtrace.online_grad)(model, state, xs, ts, mse, rule)
+        g_name, _ = eqtrace.online_grad(model, state, xs, ts, mse, name, **options)
+        assert_tree_allclose(g_rule, g_name)
+    # The rule's own init and step are the pure functions of the same name.
+    graph = eqtrace.compile_etrace_graph(model, xs[0], state)
+    rule = eqtrace.ESDRTRL(decay=0.3)
+    traces = rule.init(graph, model, state)
+    assert traces.decay == 0.3 and traces.window == 1
+    _, _, _, g = rule.step(graph, model, traces, xs[0], ts[0], mse)
+    _, _, _, g_fn = eqtrace.es_d_rtrl_step(graph, model, traces, xs[0], ts[0], mse)
+    assert_tree_allclose(g, g_fn)
+
+
+def test_bad_rules_and_options():
+    model = SingleLayerRNN(3, 4, 2, key=jax.random.key(32))
+    xs, ts = _data(3, jax.random.key(33))
+    with pytest.raises(ValueError, match="`window` must be an integer >= 0"):
+        eqtrace.DRTRL(window=-1)
+    with pytest.raises(ValueError, match=r"`decay` must be a number in \[0, 1\]"):
+        eqtrace.ESDRTRL(decay=2.0)
+    with pytest.raises(ValueError, match="set them as its fields"):
+        eqtrace.online_grad(model, model.init_state(), xs, ts, mse, eqtrace.DRTRL(), window=2)
+    with pytest.raises(TypeError, match=r"`d_rtrl` takes the options \['window'\], got unknown \['decay'\]"):
+        eqtrace.online_grad(model, model.init_state(), xs, ts, mse, "d_rtrl", decay=0.5)

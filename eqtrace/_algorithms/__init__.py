@@ -1,9 +1,16 @@
 from ._bptt import bptt_grad as bptt_grad
-from ._d_rtrl import d_rtrl_init as d_rtrl_init, d_rtrl_step as d_rtrl_step, DRTRLTraces as DRTRLTraces
+from ._d_rtrl import (
+    d_rtrl_init as d_rtrl_init,
+    d_rtrl_step as d_rtrl_step,
+    DRTRL as DRTRL,
+    DRTRLTraces as DRTRLTraces,
+)
 from ._drivers import batch_grad as batch_grad, graph_for as graph_for, online_grad as online_grad
 from ._es_d_rtrl import (
     es_d_rtrl_init as es_d_rtrl_init,
     es_d_rtrl_step as es_d_rtrl_step,
+    ESDRTRL as ESDRTRL,
     ESDRTRLTraces as ESDRTRLTraces,
 )
+from ._rule import AbstractOnlineAlgorithm as AbstractOnlineAlgorithm
 from ._window import WindowBuffer as WindowBuffer

@@ -10,6 +10,7 @@ $\nabla W \mathrel{+}= \partial L_t/\partial W|_{h_{t-K}} + \sum_{n,c} \lambda_t
 """
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -20,7 +21,8 @@ from .._compiler._run import flatten_weights
 from .._ops import etp_op_of
 from ._inputs import check_traces
 from ._one_step import advance, apply_blocks, linearise_step, unflatten_grads
-from ._window import window_init, WindowBuffer
+from ._rule import AbstractOnlineAlgorithm
+from ._window import check_window, window_init, WindowBuffer
 
 
 class DRTRLTraces(eqx.Module):
@@ -142,3 +144,32 @@ def d_rtrl_step(
         window=traces.window,
     )
     return new, lin.y, lin.loss, unflatten_grads(params, grads)
+
+
+class DRTRL(AbstractOnlineAlgorithm):
+    """D-RTRL (diagonal RTRL) as a rule object, for [`eqtrace.online_grad`][] and
+    [`eqtrace.batch_grad`][]: `eqtrace.online_grad(..., algorithm=eqtrace.DRTRL(window=2))`. Its
+    `init` and `step` are [`eqtrace.d_rtrl_init`][] and [`eqtrace.d_rtrl_step`][].
+
+    **Fields:**
+
+    - `window`: `K >= 1`: back-propagate each loss exactly through the last `K` steps and use the
+      traces beyond; `0`: the learning signal through the per-position diagonal only.
+    """
+
+    window: int = eqx.field(static=True, default=1)
+    batch_native: ClassVar[bool] = False
+
+    def __check_init__(self):
+        check_window(self.window)
+
+    def init(self, graph, params, state):
+        return d_rtrl_init(graph, params, state, window=self.window)
+
+    def step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
+        if batched:
+            raise ValueError("`DRTRL` steps one example at a time: `jax.vmap` it over a batch.")
+        return d_rtrl_step(graph, params, traces, x, target, loss_fn)
+
+    def traces_relation(self, relation):
+        return relation.position_diagonal

@@ -1,6 +1,8 @@
 """Drivers: scan an online algorithm over a sequence, and average over a batch."""
 
 import collections
+import dataclasses
+import functools
 from collections.abc import Callable
 
 import equinox as eqx
@@ -10,19 +12,19 @@ import jax.tree_util as jtu
 
 from .._compiler import compile_etrace_graph, ETraceGraph
 from .._compiler._run import check_graph_matches
-from ._d_rtrl import d_rtrl_init, d_rtrl_step
-from ._es_d_rtrl import es_d_rtrl_init, es_d_rtrl_step
+from ._bptt import bptt_grad, bptt_grad_of_batch
+from ._d_rtrl import DRTRL
+from ._es_d_rtrl import ESDRTRL
 from ._inputs import check_batch_axis, check_sequences, step_example, zeros_shaped
+from ._rule import AbstractOnlineAlgorithm
 
 
-ALGORITHMS: dict[str, tuple[Callable, Callable]] = {
-    "d_rtrl": (d_rtrl_init, d_rtrl_step),
-    "es_d_rtrl": (es_d_rtrl_init, es_d_rtrl_step),
+# The strings `online_grad` accepts for a rule with its default options (or the options given).
+SHORTHANDS: dict[str, type[AbstractOnlineAlgorithm]] = {
+    "d_rtrl": DRTRL,
+    "es_d_rtrl": ESDRTRL,
+    "pp_prop": ESDRTRL,
 }
-# Algorithms whose step takes a whole batch (`batched=True`): their weight gradients then contract
-# the batch inside the operation's transpose. The others are `jax.vmap`-ed over examples: D-RTRL's
-# traces are per example anyway, and measured faster that way.
-BATCH_NATIVE = frozenset({"es_d_rtrl"})
 
 _GRAPHS: collections.OrderedDict = collections.OrderedDict()  # least recently used first
 _MAX_GRAPHS = 64
@@ -56,13 +58,26 @@ def graph_for(model, x, state) -> ETraceGraph:
     return graph
 
 
-def _check_algorithm(algorithm: str) -> str:
-    name = {"pp_prop": "es_d_rtrl"}.get(algorithm, algorithm)
-    if name not in ALGORITHMS:
+def as_algorithm(algorithm, options: dict) -> AbstractOnlineAlgorithm:
+    """The rule object for `algorithm`: a rule itself, or a shorthand string built with `options`."""
+    if isinstance(algorithm, AbstractOnlineAlgorithm):
+        if options:
+            raise ValueError(
+                f"Options {sorted(options)} were given beside the rule object {algorithm!r}: set them "
+                f"as its fields instead, e.g. `eqtrace.{type(algorithm).__name__}(...)`."
+            )
+        return algorithm
+    if not (isinstance(algorithm, str) and algorithm in SHORTHANDS):
         raise ValueError(
-            f"`algorithm` must be one of {sorted(ALGORITHMS)} (or 'pp_prop'), got {algorithm!r}."
+            f"`algorithm` must be a rule object (e.g. `eqtrace.DRTRL()`, `eqtrace.ESDRTRL(decay=0.9)`) "
+            f"or one of {sorted(SHORTHANDS)}, got {algorithm!r}."
         )
-    return name
+    cls = SHORTHANDS[algorithm]
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise TypeError(f"`{algorithm}` takes the options {fields}, got unknown {unknown}.")
+    return cls(**options)
 
 
 def online_grad(
@@ -71,7 +86,7 @@ def online_grad(
     xs,
     targets,
     loss_fn: Callable,
-    algorithm: str = "d_rtrl",
+    algorithm: str | AbstractOnlineAlgorithm = "d_rtrl",
     *,
     graph=None,
     traces=None,
@@ -89,14 +104,16 @@ def online_grad(
     - `state`: the initial hidden state.
     - `xs`, `targets`: inputs and targets with a leading time axis.
     - `loss_fn`: `loss_fn(y_t, target_t) -> scalar`.
-    - `algorithm`: `"d_rtrl"`, or `"es_d_rtrl"` (alias `"pp_prop"`).
+    - `algorithm`: the rule: an object such as [`eqtrace.DRTRL`][]`(window=2)` or
+      [`eqtrace.ESDRTRL`][]`(decay=0.9)`, or the shorthand `"d_rtrl"`, `"es_d_rtrl"` (alias
+      `"pp_prop"`) for such an object built from `options`.
     - `graph`: a precompiled [`eqtrace.ETraceGraph`][] (optional).
     - `traces`: the traces a previous call returned (`return_traces=True`), to continue a sequence
       where it stopped, exactly as one call over the whole sequence would; `state` is then `None`
       (the traces carry it) and the options are the traces' own.
     - `return_traces`: also return the traces after the last step.
-    - `options`: passed to the algorithm's init: `window=K` (default 1) for both rules, and
-      `decay=0.9`, `normalise=True` for ES-D-RTRL.
+    - `options`: with a shorthand string, the rule's fields: `window=K` (default 1) for both
+      rules, and `decay=0.9`, `normalise=True` for ES-D-RTRL.
 
     **Returns:**
 
@@ -114,7 +131,6 @@ def _online_grad(
     """`online_grad`; with `batched`, `state` has a leading batch axis and `xs`, `targets` are
     `(time, batch, ...)`: each step runs on the whole batch and its gradients are averaged at once,
     so the carry holds one gradient accumulator, not one per example."""
-    init, step = ALGORITHMS[_check_algorithm(algorithm)]
     check_sequences(xs, targets, ("time", "batch") if batched else ("time",))
     if traces is not None:
         if state is not None or options:
@@ -124,55 +140,28 @@ def _online_grad(
                 f"and options {sorted(options)}."
             )
         state = traces.state
+    rule = as_algorithm(algorithm, options)
     x, s = step_example(xs, 2 if batched else 1), step_example(state, 1 if batched else 0)
     if graph is None:
         graph = graph_for(model, x, s)
     else:
         check_graph_matches(graph, model, x, s)
     if traces is None:
-        if batched:
-            traces = jax.vmap(lambda s: init(graph, model, s, **options))(state)
-        else:
-            traces = init(graph, model, state, **options)
+        init = lambda s: rule.init(graph, model, s)  # noqa: E731
+        traces = jax.vmap(init)(state) if batched else init(state)
     zeros = jtu.tree_map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
-    batch_option = {"batched": True} if batched else {}
 
     def body(carry, xt):
         traces, acc = carry
-        traces, _, loss, g = step(graph, model, traces, xt[0], xt[1], loss_fn, **batch_option)
+        traces, _, loss, g = rule.step(graph, model, traces, xt[0], xt[1], loss_fn, batched=batched)
         return (traces, jtu.tree_map(jnp.add, acc, g)), jnp.mean(loss)
 
     (traces, grads), losses = jax.lax.scan(body, (traces, zeros), (xs, targets))
     return (grads, losses, traces) if return_traces else (grads, losses)
 
 
-def batch_grad(grad_fn: Callable, model, states, xs, targets, loss_fn: Callable, **kwargs):
-    """Average `grad_fn` (`online_grad` or `bptt_grad`) over a batch.
-
-    For `online_grad` with ES-D-RTRL, each time step runs on the whole batch and averages its
-    gradient at once (one accumulator, not one per example); otherwise `grad_fn` is `jax.vmap`-ed.
-
-    **Arguments:**
-
-    - `grad_fn`: [`eqtrace.online_grad`][] or [`eqtrace.bptt_grad`][].
-    - `states`, `xs`, `targets`: with a leading batch axis (`xs` is `(batch, time, ...)`).
-    - `kwargs`: passed on to `grad_fn` (e.g. `algorithm=`, `window=`, `traces=`, `return_traces=`).
-
-    **Returns:**
-
-    `(grads, losses)`: the batch-mean gradient and per-step losses (shape `(T,)`), and the batched
-    traces after the last step with `return_traces=True`.
-    """
-    check_batch_axis(states, check_sequences(xs, targets, ("batch", "time"))[0])
-    if grad_fn is online_grad and _check_algorithm(kwargs.get("algorithm", "d_rtrl")) in BATCH_NATIVE:
-        algorithm = kwargs.pop("algorithm")
-        graph = kwargs.pop("graph", None)
-        time_major = jtu.tree_map(lambda a: jnp.swapaxes(a, 0, 1), (xs, targets))
-        traces = kwargs.pop("traces", None)
-        return_traces = kwargs.pop("return_traces", False)
-        return _online_grad(
-            model, states, *time_major, loss_fn, algorithm, graph, kwargs, traces, return_traces, batched=True
-        )
+def _vmapped_mean(grad_fn: Callable, model, states, xs, targets, loss_fn: Callable, **kwargs):
+    """`grad_fn` over each example with `jax.vmap`, then the mean."""
     if "traces" in kwargs:  # per-example traces are batched like the states
         traces = kwargs.pop("traces")
         out = jax.vmap(lambda tr, x, t: grad_fn(model, None, x, t, loss_fn, traces=tr, **kwargs))(
@@ -182,3 +171,58 @@ def batch_grad(grad_fn: Callable, model, states, xs, targets, loss_fn: Callable,
         out = jax.vmap(lambda s, x, t: grad_fn(model, s, x, t, loss_fn, **kwargs))(states, xs, targets)
     mean = jtu.tree_map(lambda g: jnp.mean(g, axis=0), out[:2])
     return (*mean, out[2]) if kwargs.get("return_traces") else mean
+
+
+def _online_grad_of_batch(
+    model,
+    states,
+    xs,
+    targets,
+    loss_fn,
+    algorithm="d_rtrl",
+    *,
+    graph=None,
+    traces=None,
+    return_traces=False,
+    **options,
+):
+    """`online_grad` of a batch: a batch-native rule steps the whole batch at once (one gradient
+    accumulator, not one per example); the others are `jax.vmap`-ed over examples."""
+    if not as_algorithm(algorithm, options).batch_native:
+        kwargs = dict(options, algorithm=algorithm, graph=graph, return_traces=return_traces)
+        if traces is not None:
+            kwargs["traces"] = traces
+        return _vmapped_mean(online_grad, model, states, xs, targets, loss_fn, **kwargs)
+    time_major = jtu.tree_map(lambda a: jnp.swapaxes(a, 0, 1), (xs, targets))
+    return _online_grad(
+        model, states, *time_major, loss_fn, algorithm, graph, options, traces, return_traces, batched=True
+    )
+
+
+# Gradient functions with a form of their own for a whole batch, which `batch_grad` uses.
+BATCH_FORMS: dict[Callable, Callable] = {online_grad: _online_grad_of_batch, bptt_grad: bptt_grad_of_batch}
+
+
+def batch_grad(grad_fn: Callable, model, states, xs, targets, loss_fn: Callable, **kwargs):
+    """Average `grad_fn` (`online_grad` or `bptt_grad`) over a batch.
+
+    `bptt_grad` becomes the gradient of the batch-mean loss (each weight gradient contracts the
+    batch inside one matmul); `online_grad` with a batch-native rule (ES-D-RTRL) runs each time
+    step on the whole batch and averages its gradient at once (one accumulator, not one per
+    example); any other `grad_fn` or rule is `jax.vmap`-ed over the examples.
+
+    **Arguments:**
+
+    - `grad_fn`: [`eqtrace.online_grad`][] or [`eqtrace.bptt_grad`][] (or a function with their
+      contract).
+    - `states`, `xs`, `targets`: with a leading batch axis (`xs` is `(batch, time, ...)`).
+    - `kwargs`: passed on to `grad_fn` (e.g. `algorithm=`, `window=`, `traces=`, `return_traces=`).
+
+    **Returns:**
+
+    `(grads, losses)`: the batch-mean gradient and per-step losses (shape `(T,)`), and the batched
+    traces after the last step with `return_traces=True`.
+    """
+    check_batch_axis(states, check_sequences(xs, targets, ("batch", "time"))[0])
+    batch_form = BATCH_FORMS.get(grad_fn, functools.partial(_vmapped_mean, grad_fn))
+    return batch_form(model, states, xs, targets, loss_fn, **kwargs)

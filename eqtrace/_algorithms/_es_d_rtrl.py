@@ -12,6 +12,7 @@ the input's size plus $N \cdot S$ per group.
 """
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -22,7 +23,8 @@ from .._compiler._run import flatten_weights
 from .._ops import etp_op_of
 from ._inputs import check_traces
 from ._one_step import advance, apply_blocks, linearise_step, unflatten_grads
-from ._window import window_init, WindowBuffer
+from ._rule import AbstractOnlineAlgorithm
+from ._window import check_window, window_init, WindowBuffer
 
 
 class ESDRTRLTraces(eqx.Module):
@@ -47,6 +49,11 @@ class ESDRTRLTraces(eqx.Module):
     decay: float = eqx.field(static=True, default=0.9)
     normalise: bool = eqx.field(static=True, default=True)
     window: int = eqx.field(static=True, default=1)
+
+
+def check_decay(decay) -> None:
+    if isinstance(decay, bool) or not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
+        raise ValueError(f"`decay` must be a number in [0, 1], got {decay!r}.")
 
 
 def _traced_eqns(graph: ETraceGraph) -> list[tuple[int, tuple[int, ...]]]:
@@ -79,8 +86,7 @@ def es_d_rtrl_init(
 
     An [`eqtrace.ESDRTRLTraces`][].
     """
-    if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
-        raise ValueError(f"`decay` must be a number in [0, 1], got {decay!r}.")
+    check_decay(decay)
     buffer = window_init(graph, state, window)
     flatten_weights(graph, params)
     eqns = graph.module_info.closed_jaxpr.jaxpr.eqns
@@ -208,3 +214,34 @@ def _history(op, eqn, operands, x_bar, cot, weights, weight_of_var, batched) -> 
     # Weights computed inside the step: one VJP per example, summed.
     per_example = jax.vmap(lambda x0, c, *w: jax.vjp(lambda *w: impl(x0, *w), *w)[1](c))
     return [None] * start + [jnp.sum(g, axis=0) for g in per_example(x_bar, cot, *operands[start:])]
+
+
+class ESDRTRL(AbstractOnlineAlgorithm):
+    """ES-D-RTRL (pp_prop) as a rule object: `eqtrace.online_grad(..., algorithm=eqtrace.ESDRTRL(
+    decay=0.8))`. Its `init` and `step` are [`eqtrace.es_d_rtrl_init`][] and
+    [`eqtrace.es_d_rtrl_step`][]; it steps whole batches at once.
+
+    **Fields:**
+
+    - `decay`: $\\alpha \\in [0, 1]$, how much of the past input the input traces keep.
+    - `normalise`: use the input traces' weighted mean rather than their sum.
+    - `window`: as for [`eqtrace.DRTRL`][].
+    """
+
+    decay: float = eqx.field(static=True, default=0.9)
+    normalise: bool = eqx.field(static=True, default=True)
+    window: int = eqx.field(static=True, default=1)
+    batch_native: ClassVar[bool] = True
+
+    def __check_init__(self):
+        check_decay(self.decay)
+        check_window(self.window)
+
+    def init(self, graph, params, state):
+        return es_d_rtrl_init(graph, params, state, self.decay, normalise=self.normalise, window=self.window)
+
+    def step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
+        return es_d_rtrl_step(graph, params, traces, x, target, loss_fn, batched=batched)
+
+    def traces_relation(self, relation):
+        return True

@@ -1,0 +1,61 @@
+"""What a learning rule is: an `eqx.Module` whose fields are its options, with `init` and `step`."""
+
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+
+from .._compiler import ETraceGraph, HiddenParamOpRelation
+
+
+class AbstractOnlineAlgorithm(eqx.Module):
+    """An online learning rule, as Diffrax's solvers and Optax's transformations are: its options
+    are its fields (`eqtrace.ESDRTRL(decay=0.8, window=2)`), and it is used through two pure
+    functions over a compiled graph.
+
+    `batch_native` (a class variable) says whether `step` takes a whole batch at once
+    (`batched=True`), so that its weight gradients contract the batch inside one matmul; the drivers
+    `jax.vmap` the other rules over examples.
+
+    Rules are hashable and immutable: pass them to `eqx.filter_jit` functions freely.
+    """
+
+    batch_native: eqx.AbstractClassVar[bool]
+
+    @abc.abstractmethod
+    def init(self, graph: ETraceGraph, params, state):
+        """The rule's traces before the first step, carrying the hidden `state`.
+
+        **Arguments:**
+
+        - `graph`: the model's [`eqtrace.ETraceGraph`][].
+        - `params`: the model (or its array part from `eqx.partition`).
+        - `state`: the initial hidden state pytree (with a leading batch axis under `jax.vmap`).
+        """
+
+    @abc.abstractmethod
+    def step(
+        self, graph: ETraceGraph, params, traces, x, target, loss_fn: Callable, *, batched: bool = False
+    ):
+        """Advance the traces by one step.
+
+        **Arguments:**
+
+        - `graph`, `params`: as for `init`.
+        - `traces`: the traces after the previous step.
+        - `x`, `target`: this step's input and target.
+        - `loss_fn`: `loss_fn(y, target) -> scalar`, the per-step loss $L_t$.
+        - `batched`: for a `batch_native` rule, `x`, `target` and the traces carry a leading batch
+          axis and the loss is the batch mean.
+
+        **Returns:**
+
+        `(traces, y, loss, grads)`: the new traces, the model's output, $L_t$, and this step's
+        contribution to $\\nabla_\\theta \\sum_t L_t$ in the structure of
+        `eqx.filter(params, eqx.is_inexact_array)`.
+        """
+
+    @abc.abstractmethod
+    def traces_relation(self, relation: HiddenParamOpRelation) -> bool:
+        """Whether the rule keeps a trace for `relation`; a weight in no traced relation gets its
+        exact gradient within the rule's window only."""
