@@ -9,7 +9,7 @@ $\nabla W \mathrel{+}= \partial L_t/\partial W|_{h_{t-K}} + \sum_{n,c} \lambda_t
 \epsilon_{t-K}[\dots, n, c]$, with $\lambda_t = \partial L_t/\partial h_{t-K}$.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import equinox as eqx
@@ -72,16 +72,14 @@ def d_rtrl_init(graph: ETraceGraph, params, state, *, window: int = 1) -> DRTRLT
     """
     buffer = window_init(graph, state, window)
     flat_w = flatten_weights(graph, params)
-    index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
     eps = []
     for r, g in traced_pairs(graph):
-        rel = graph.hidden_param_op_relations[r]
-        w = flat_w[index[rel.weight_path]]
+        w = flat_w[graph.hidden_param_op_relations[r].weight_index]
         eps.append(jnp.zeros(w.shape + (graph.hidden_groups[g].num_state,), w.dtype))
     return DRTRLTraces(state=state, eps=tuple(eps), buffer=buffer, window=window)
 
 
-def instant_trace(primitive, params: dict, operands: list, j: int, d_f: jax.Array) -> jax.Array:
+def instant_trace(primitive, params: Mapping, operands: list, j: int, d_f: jax.Array) -> jax.Array:
     """`∂h_t/∂W` at this step in trace layout (`W.shape + (S,)`) for weight operand `j` of an ETP
     operation: the operation's own VJP for the weight, with `∂h/∂y` of one state at a time."""
     op = etp_op_of(primitive)
@@ -125,17 +123,15 @@ def d_rtrl_step(
     lin = linearise_step(
         graph, params, x, traces.state, target, loss_fn, buffer=traces.buffer, diagonal=traces.window == 0
     )
-    index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
-    eqns = graph.module_info.closed_jaxpr.jaxpr.eqns
     grads = list(lin.grads)
     new_eps = []
     for (r, g), eps in zip(pairs, traces.eps):
         rel = graph.hidden_param_op_relations[r]
-        w = index[rel.weight_path]
+        w = rel.weight_index
         signal = jnp.expand_dims(lin.signal[g], rel.input_axes)
         grads[w] = grads[w] + jnp.sum(jnp.broadcast_to(signal, eps.shape) * eps, axis=-1)
         operands, d_f = lin.operands[rel.eqn_index], lin.d_f[rel.eqn_index][g]
-        instant = instant_trace(rel.primitive, eqns[rel.eqn_index].params, operands, rel.operand_index, d_f)
+        instant = instant_trace(rel.primitive, rel.params, operands, rel.operand_index, d_f)
         new_eps.append(apply_blocks(jnp.expand_dims(lin.d_total[g], rel.input_axes), eps) + instant)
     new = DRTRLTraces(
         state=lin.new_state,

@@ -18,7 +18,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._compiler import ETraceGraph
+from .._compiler import ETraceGraph, HiddenParamOpRelation
 from .._compiler._run import flatten_weights
 from .._ops import etp_op_of
 from ._inputs import check_traces
@@ -56,16 +56,13 @@ def check_decay(decay) -> None:
         raise ValueError(f"`decay` must be a number in [0, 1], got {decay!r}.")
 
 
-def _traced_eqns(graph: ETraceGraph) -> list[tuple[int, tuple[int, ...]]]:
-    """The ETP equations in some relation, each with the indices of the groups it reaches."""
-    groups: dict[int, tuple[int, ...]] = {}
+def _traced_operations(graph: ETraceGraph) -> list[tuple[list[HiddenParamOpRelation], tuple[int, ...]]]:
+    """The ETP operations in some relation, in order: each with its relations (one per weight
+    operand) and the indices of the groups its output reaches."""
+    by_eqn: dict[int, list[HiddenParamOpRelation]] = {}
     for rel in graph.hidden_param_op_relations:
-        groups[rel.eqn_index] = tuple(g.index for g in rel.hidden_groups)
-    return sorted(groups.items())
-
-
-def _has_input(graph: ETraceGraph, e: int) -> bool:
-    return etp_op_of(graph.module_info.closed_jaxpr.jaxpr.eqns[e].primitive).has_input
+        by_eqn.setdefault(rel.eqn_index, []).append(rel)
+    return [(rels, tuple(g.index for g in rels[0].hidden_groups)) for _, rels in sorted(by_eqn.items())]
 
 
 def es_d_rtrl_init(
@@ -89,11 +86,10 @@ def es_d_rtrl_init(
     check_decay(decay)
     buffer = window_init(graph, state, window)
     flatten_weights(graph, params)
-    eqns = graph.module_info.closed_jaxpr.jaxpr.eqns
     x_bar, f_bar = [], []
-    for e, group_ids in _traced_eqns(graph):
-        if _has_input(graph, e):
-            aval = eqns[e].invars[0].aval
+    for rels, group_ids in _traced_operations(graph):
+        aval = rels[0].input_aval
+        if aval is not None:
             x_bar.append(jnp.zeros(aval.shape, aval.dtype))
         for g in group_ids:
             group = graph.hidden_groups[g]
@@ -128,7 +124,7 @@ def es_d_rtrl_step(
     `(traces, y, loss, grads)`.
     """
     check_traces(traces, ESDRTRLTraces, es_d_rtrl_init, graph, params, batched=batched)
-    eqns_groups = _traced_eqns(graph)
+    operations = _traced_operations(graph)
     lin = linearise_step(
         graph,
         params,
@@ -140,18 +136,14 @@ def es_d_rtrl_step(
         diagonal=traces.window == 0,
         batched=batched,
     )
-    info = graph.module_info
-    eqns = info.closed_jaxpr.jaxpr.eqns
     weights = flatten_weights(graph, params)
-    weight_of_var = {v: i for i, v in enumerate(info.closed_jaxpr.jaxpr.invars[: info.num_weights])}
-    index = {p: i for i, p in enumerate(info.weight_paths)}
     grads = list(lin.grads)
     x_weight = traces.x_weight
     scale = 1 / jnp.maximum(x_weight, 1) if traces.normalise else None
     x_iter, f_iter = iter(traces.x_bar), iter(traces.f_bar)
     new_x, new_f = [], []
-    for e, group_ids in eqns_groups:
-        op = etp_op_of(eqns[e].primitive)
+    for rels, group_ids in operations:
+        op, e = etp_op_of(rels[0].primitive), rels[0].eqn_index
         operands = list(lin.operands[e])
         x_bar = x_hat = None
         if op.has_input:
@@ -161,11 +153,9 @@ def es_d_rtrl_step(
         f_bars = [next(f_iter) for _ in group_ids]
         # The history term's cotangent at the operation's output: Σ_g Σ_c f̄ λ.
         cot = sum(jnp.sum(f * lin.signal[g], axis=-1) for f, g in zip(f_bars, group_ids))
-        history = _history(op, eqns[e], operands, x_hat, cot, weights, weight_of_var, batched)
-        for rel in graph.hidden_param_op_relations:
-            if rel.eqn_index == e:
-                w = index[rel.weight_path]
-                grads[w] = grads[w] + history[rel.operand_index]
+        history = _history(op, rels[0], operands, x_hat, cot, weights, batched)
+        for rel in rels:
+            grads[rel.weight_index] = grads[rel.weight_index] + history[rel.operand_index]
         for f, g in zip(f_bars, group_ids):
             blocks = jax.vmap(apply_blocks) if batched else apply_blocks
             new_f.append(blocks(lin.d_total[g], f) + lin.d_f[e][g])
@@ -190,7 +180,7 @@ def _scale(x_bar, scale):
     return x_bar * scale.reshape(scale.shape + (1,) * (x_bar.ndim - scale.ndim)).astype(x_bar.dtype)
 
 
-def _history(op, eqn, operands, x_bar, cot, weights, weight_of_var, batched) -> list:
+def _history(op, rel: HiddenParamOpRelation, operands, x_bar, cot, weights, batched) -> list:
     """`VJP` of the operation at `(x̄, W)` with cotangent `cot`, for every operand (index 0 unused).
 
     Batched, with weights that are model leaves (the usual case), the weights are taken unbatched, so
@@ -198,14 +188,14 @@ def _history(op, eqn, operands, x_bar, cot, weights, weight_of_var, batched) -> 
     start = 1 if op.has_input else 0
 
     def impl(x0, *w):
-        return op.impl(*((x0,) if op.has_input else ()), *w, **eqn.params)
+        return op.impl(*((x0,) if op.has_input else ()), *w, **rel.params)
 
     if not batched:
         _, vjp = jax.vjp(lambda *w: impl(x_bar, *w), *operands[start:])
         return [None] * start + list(vjp(cot))
-    leaves = [eqn.invars[j] for j in range(start, len(operands))]
-    if all(v in weight_of_var for v in leaves):
-        ws = [weights[weight_of_var[v]] for v in leaves]
+    leaves = rel.operand_weights[start:]
+    if all(i is not None for i in leaves):
+        ws = [weights[i] for i in leaves]
         if op.has_input:
             _, vjp = jax.vjp(lambda *w: jax.vmap(lambda x0: impl(x0, *w))(x_bar), *ws)
             return [None] * start + list(vjp(cot))

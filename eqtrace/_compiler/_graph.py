@@ -2,6 +2,8 @@
 a static argument of `eqx.filter_jit` without retracing."""
 
 import dataclasses
+import shutil
+import subprocess
 import types
 from collections.abc import Mapping
 
@@ -105,6 +107,12 @@ class HiddenParamOpRelation:
       position: `(0,)` for `W` in `x @ W`, `()` for a bias or `fn(w)`, `(1,)` for the `(E, I, O)`
       weight of an ensemble of `E` layers under `jax.vmap`. The weight's other axes are the output's
       positions, in order; per-position quantities act on its trace broadcast along these axes.
+    - `weight_index`: the weight's index among the model's array leaves (`module_info.weight_paths`).
+    - `params`: the operation's static parameters, as its implementation takes them.
+    - `operand_weights`: for each operand of the operation, the index of the model leaf it is, or
+      `None` (the input, or a weight computed within the step).
+    - `input_aval`: the shape and dtype of the operation's input `x` (`None` for an operation without
+      one, such as `eqtrace.element_wise`).
     """
 
     weight_path: Path
@@ -116,6 +124,10 @@ class HiddenParamOpRelation:
     elementwise_tail: bool = True
     position_diagonal: bool = True
     input_axes: tuple[int, ...] = ()
+    weight_index: int = 0
+    params: Mapping = dataclasses.field(default_factory=dict, compare=False)
+    operand_weights: tuple[int | None, ...] = ()
+    input_aval: jax.ShapeDtypeStruct | None = None
 
 
 EXCLUSION_REASONS = types.MappingProxyType(
@@ -239,3 +251,25 @@ class ETraceGraph:
         from ._show import graph_to_dot
 
         return graph_to_dot(self)
+
+    # Rich display in Jupyter and IPython. Each front end shows the richest view it can render:
+    # JupyterLab draws the Mermaid flowchart, others the SVG where Graphviz is installed, and a
+    # terminal the text of `show_graph`.
+
+    def _repr_markdown_(self) -> str:
+        return f"```mermaid\n{self.to_mermaid()}\n```\n"
+
+    def _repr_svg_(self) -> str | None:
+        dot = shutil.which("dot")
+        if dot is None:
+            return None  # no SVG view: the front end falls back to another
+        try:
+            result = subprocess.run(
+                [dot, "-Tsvg"], input=self.to_dot(), capture_output=True, text=True, timeout=60
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return result.stdout if result.returncode == 0 and "<svg" in result.stdout else None
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
+        printer.text(str(self))

@@ -1,5 +1,8 @@
 """Relations (weight → ETP operation → hidden groups) and the weights outside every relation."""
 
+import types
+
+import jax
 import jax.numpy as jnp
 
 from .._jax_internals import Literal
@@ -66,6 +69,16 @@ def find_relations(
                         y_shape=shape(eqn.outvars[0]),
                         position_diagonal=input_axes is not None,
                         input_axes=input_axes or (),
+                        weight_index=w,
+                        params=types.MappingProxyType(dict(eqn.params)),
+                        operand_weights=tuple(
+                            None if isinstance(u, Literal) else weight_index.get(u) for u in eqn.invars
+                        ),
+                        input_aval=(
+                            jax.ShapeDtypeStruct(shape(eqn.invars[0]), eqn.invars[0].aval.dtype)
+                            if op.has_input
+                            else None
+                        ),
                     )
                 )
             elif via_etp:
