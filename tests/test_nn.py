@@ -329,6 +329,21 @@ def test_cell_specifics():
     assert_tree_allclose(out.h, jax.nn.relu(_affine(relu_rnn.W, _cat(-10 * jnp.ones(IN), jnp.zeros(HID)))))
 
 
+def test_hidden_vector_states_are_one_class():
+    """The cells whose state is `h` alone share one state class, under each cell's name too."""
+    for name in ("GRUState", "MGUState", "MinimalRNNState", "IndRNNState"):
+        assert getattr(enn, name) is enn.VanillaRNNState
+    structures = [
+        jax.tree.structure(cls(IN, HID, key=jax.random.key(0)).init_state())
+        for cls, _, state_cls, _, _ in CELLS
+        if state_cls is enn.VanillaRNNState
+    ]
+    assert len(structures) == 5
+    assert all(s == structures[0] for s in structures)
+    lstm = enn.LSTMCell(IN, HID, key=jax.random.key(0))
+    assert jax.tree.structure(lstm.init_state()) != structures[0]
+
+
 def test_weight_paths():
     """Weight paths that the compiler and the docs refer to."""
 
@@ -349,3 +364,111 @@ def test_weight_paths():
         (g, p) for g in ("phi", "Wu") for p in ("weight", "bias")
     }
     assert paths(enn.IndRNNCell(IN, HID, key=key)) == {("W", "weight"), ("W", "bias"), ("u",)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Initialisation: the same parameters from the same key, written out with `jax.random`
+
+
+def _weights(module):
+    """The array leaves of `module`, by weight path."""
+    leaves = jax.tree_util.tree_leaves_with_path(eqx.filter(module, eqx.is_array))
+    return {tuple(k.name for k in path): leaf for path, leaf in leaves}
+
+
+def _ref_linear(name, key, n_in, n_out, use_bias, dtype):
+    """`Linear(n_in, n_out)`: weight then bias from the two halves of `key`, uniform in ±1/√n_in."""
+    wkey, bkey = jax.random.split(key)
+    lim = 1 / math.sqrt(n_in)
+    out = {(name, "weight"): jax.random.uniform(wkey, (n_in, n_out), dtype, -lim, lim)}
+    if use_bias:
+        out[(name, "bias")] = jax.random.uniform(bkey, (n_out,), dtype, -lim, lim)
+    return out
+
+
+def _ref_gates(names, key, n_in, use_bias, dtype):
+    """One `Linear(n_in, HID)` per gate, each from its own part of `jax.random.split(key, len(names))`."""
+    out = {}
+    for name, k in zip(names, jax.random.split(key, len(names)), strict=True):
+        out |= _ref_linear(name, k, n_in, HID, use_bias, dtype)
+    return out
+
+
+def _ref_lstm_init(key, use_bias, dtype):
+    out = _ref_gates(("Wi", "Wf", "Wo", "Wg"), key, IN + HID, use_bias, dtype)
+    if use_bias:
+        out[("Wf", "bias")] = jnp.ones(HID, dtype)  # the forget gate starts open
+    return out
+
+
+def _ref_minimal_init(key, use_bias, dtype):
+    pkey, ukey = jax.random.split(key)
+    return _ref_linear("phi", pkey, IN, HID, use_bias, dtype) | _ref_linear(
+        "Wu", ukey, IN + HID, HID, use_bias, dtype
+    )
+
+
+def _ref_indrnn_init(key, use_bias, dtype):
+    wkey, ukey = jax.random.split(key)
+    u = jax.random.uniform(ukey, (HID,), dtype, 0.0, 1.0)
+    return _ref_linear("W", wkey, IN, HID, use_bias, dtype) | {("u",): u}
+
+
+REF_INIT = {
+    enn.VanillaRNNCell: lambda key, b, dt: _ref_linear("W", key, IN + HID, HID, b, dt),
+    enn.GRUCell: lambda key, b, dt: _ref_gates(("Wz", "Wr", "Wh"), key, IN + HID, b, dt),
+    enn.LSTMCell: _ref_lstm_init,
+    enn.MGUCell: lambda key, b, dt: _ref_gates(("Wf", "Wh"), key, IN + HID, b, dt),
+    enn.MinimalRNNCell: _ref_minimal_init,
+    enn.IndRNNCell: _ref_indrnn_init,
+}
+
+
+def _assert_same_weights(got, expected, dtype):
+    assert got.keys() == expected.keys()
+    for path, leaf in expected.items():
+        assert got[path].dtype == dtype, path
+        assert bool(jnp.array_equal(got[path], leaf)), path
+
+
+@pytest.mark.parametrize("cls", [c[0] for c in CELLS], ids=CELL_IDS)
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_cell_init_from_key(cls, use_bias, dtype):
+    key = jax.random.key(42)
+    cell = cls(IN, HID, use_bias=use_bias, dtype=dtype, key=key)
+    _assert_same_weights(_weights(cell), REF_INIT[cls](key, use_bias, dtype), dtype)
+
+
+@pytest.mark.parametrize("neuron", ["lif", "alif"])
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_spiking_layer_and_readout_init_from_key(neuron, use_bias, dtype):
+    key = jax.random.key(42)
+    ff = enn.FeedForwardSpikingLayer(IN, HID, neuron=neuron, use_bias=use_bias, dtype=dtype, key=key)
+    _assert_same_weights(_weights(ff), _ref_linear("W", key, IN, HID, use_bias, dtype), dtype)
+    rec = enn.RecurrentSpikingLayer(IN, HID, neuron=neuron, use_bias=use_bias, dtype=dtype, key=key)
+    _assert_same_weights(_weights(rec), _ref_linear("W", key, IN + HID, HID, use_bias, dtype), dtype)
+    readout = enn.LeakyRateReadout(IN, HID, use_bias=use_bias, dtype=dtype, key=key)
+    _assert_same_weights(_weights(readout), _ref_linear("W", key, IN, HID, use_bias, dtype), dtype)
+
+
+@pytest.mark.parametrize("cls, kernel", [(enn.Conv1d, (3,)), (enn.Conv2d, (3, 2))])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_conv_init_from_key(cls, kernel, use_bias):
+    key = jax.random.key(42)
+    layer = cls(2, 4, kernel, use_bias=use_bias, key=key)
+    wkey, bkey = jax.random.split(key)
+    lim = 1 / math.sqrt(2 * math.prod(kernel))
+    expected = {("weight",): jax.random.uniform(wkey, (4, 2) + kernel, jnp.float64, -lim, lim)}
+    if use_bias:
+        expected[("bias",)] = jax.random.uniform(bkey, (4,), jnp.float64, -lim, lim)
+    _assert_same_weights(_weights(layer), expected, jnp.float64)
+
+
+def test_neuron_init():
+    """A learnt `tau` starts at its value in every neuron; a fixed one is no leaf."""
+    for cls in (enn.LIF, enn.ALIF):
+        assert _weights(cls(HID, tau=7.0)) == {}
+        tau = _weights(cls(HID, tau=7.0, learn_tau=True, dtype=jnp.float32))[("tau",)]
+        assert tau.dtype == jnp.float32 and bool(jnp.array_equal(tau, jnp.full(HID, 7.0, jnp.float32)))

@@ -1,20 +1,22 @@
 import math
 from collections.abc import Sequence
-from typing import ClassVar
 
 import equinox as eqx
-import jax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._ops import conv
-from ._misc import canonical_dtype, check_positive_int
+from ._misc import canonical_dtype, check_positive_int, uniform_init
 
 
-def _tuple_of_positive(value, n: int, name: str, where: str) -> tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,) * n
-    else:
-        value = tuple(value)
+def _per_axis(value: int | Sequence, n: int, name: str, where: str) -> tuple:
+    """`value` with one entry per spatial axis: an int stands for all `n` of them."""
+    if isinstance(value, bool):
+        raise TypeError(f"`{where}`: `{name}` must be an int or {n} values, got {value!r}.")
+    return (value,) * n if isinstance(value, int) else tuple(value)
+
+
+def _tuple_of_positive(value: int | Sequence[int], n: int, name: str, where: str) -> tuple[int, ...]:
+    value = _per_axis(value, n, name, where)
     if len(value) != n:
         raise ValueError(f"`{where}`: `{name}` must be an int or {n} ints, got {value!r}.")
     for v in value:
@@ -22,20 +24,20 @@ def _tuple_of_positive(value, n: int, name: str, where: str) -> tuple[int, ...]:
     return value
 
 
-def _padding(value, n: int, where: str) -> str | tuple[tuple[int, int], ...]:
+def _padding(
+    value: str | int | Sequence[int | tuple[int, int]], n: int, where: str
+) -> str | tuple[tuple[int, int], ...]:
     if isinstance(value, str):
         if value.upper() not in ("SAME", "VALID"):
             raise ValueError(f"`{where}`: `padding` must be 'SAME', 'VALID', an int or pairs, got {value!r}.")
         return value.upper()
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,) * n
-    value = tuple((v, v) if isinstance(v, int) else tuple(v) for v in value)
-    if len(value) != n or any(len(p) != 2 or min(p) < 0 for p in value):
+    pairs = tuple((v, v) if isinstance(v, int) else tuple(v) for v in _per_axis(value, n, "padding", where))
+    if len(pairs) != n or any(len(p) != 2 or min(p) < 0 for p in pairs):
         raise ValueError(
             f"`{where}`: `padding` must be 'SAME', 'VALID', a non-negative int, or {n} ints or "
-            f"(low, high) pairs, got {value!r}."
+            f"(low, high) pairs, got {pairs!r}."
         )
-    return tuple((int(lo), int(hi)) for lo, hi in value)
+    return tuple((int(lo), int(hi)) for lo, hi in pairs)
 
 
 class AbstractConv(eqx.Module):
@@ -90,15 +92,14 @@ class AbstractConv(eqx.Module):
         self.dilation = _tuple_of_positive(dilation, n, "dilation", where)
         self.padding = _padding(padding, n, where)
         dtype = canonical_dtype(dtype, where)
-        wkey, bkey = jax.random.split(key)
-        lim = 1 / math.sqrt(in_channels * math.prod(kernel_size))
-        self.weight = jax.random.uniform(
-            wkey, (out_channels, in_channels) + kernel_size, dtype=dtype, minval=-lim, maxval=lim
+        self.weight, self.bias = uniform_init(
+            key,
+            (out_channels, in_channels) + kernel_size,
+            out_channels,
+            in_channels * math.prod(kernel_size),
+            use_bias,
+            dtype,
         )
-        if use_bias:
-            self.bias = jax.random.uniform(bkey, (out_channels,), dtype=dtype, minval=-lim, maxval=lim)
-        else:
-            self.bias = None
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -128,10 +129,12 @@ class AbstractConv(eqx.Module):
 class Conv1d(AbstractConv):
     """One-dimensional convolution: `x` of shape `(in_channels, length)`."""
 
-    num_spatial_dims: ClassVar[int] = 1
+    num_spatial_dims = 1
+    __init__ = AbstractConv.__init__  # inherited anyway (Equinox); named for type checkers
 
 
 class Conv2d(AbstractConv):
     """Two-dimensional convolution: `x` of shape `(in_channels, height, width)`."""
 
-    num_spatial_dims: ClassVar[int] = 2
+    num_spatial_dims = 2
+    __init__ = AbstractConv.__init__

@@ -1,11 +1,8 @@
-import math
-
 import equinox as eqx
-import jax
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._ops import matmul
-from ._misc import canonical_dtype, check_positive_int
+from ._misc import canonical_dtype, check_positive_int, uniform_init
 
 
 class Linear(eqx.Module):
@@ -41,15 +38,9 @@ class Linear(eqx.Module):
         check_positive_int(in_features, "in_features", "Linear")
         check_positive_int(out_features, "out_features", "Linear")
         dtype = canonical_dtype(dtype, "Linear")
-        wkey, bkey = jax.random.split(key)
-        lim = 1 / math.sqrt(in_features)
-        self.weight = jax.random.uniform(
-            wkey, (in_features, out_features), dtype=dtype, minval=-lim, maxval=lim
+        self.weight, self.bias = uniform_init(
+            key, (in_features, out_features), out_features, in_features, use_bias, dtype
         )
-        if use_bias:
-            self.bias = jax.random.uniform(bkey, (out_features,), dtype=dtype, minval=-lim, maxval=lim)
-        else:
-            self.bias = None
         self.in_features = in_features
         self.out_features = out_features
         self.use_bias = use_bias

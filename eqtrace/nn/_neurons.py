@@ -1,5 +1,6 @@
 import abc
 import math
+from typing import Generic, TypeVar
 
 import equinox as eqx
 import jax
@@ -7,33 +8,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._ops import element_wise
-from ._misc import canonical_dtype, check_positive_int
+from ._misc import canonical_dtype, check_float, check_input, check_positive_float, check_positive_int
 from ._surrogates import AbstractSurrogate, SigmoidSurrogate
 
 
-def _check_positive(value, name: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"`{where}`: `{name}` must be a positive float, got {value!r}.")
-    return float(value)
-
-
-def _check_float(value, name: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"`{where}`: `{name}` must be a float, got {value!r}.")
-    return float(value)
-
-
-def check_current(where: str, x: Array, size: int, dtype, name: str = "x") -> None:
-    """Host-side check of an input current's shape and dtype."""
-    if x.shape != (size,):
-        raise ValueError(
-            f"`{where}`: `{name}` must have shape ({size},), got {tuple(x.shape)}; batch with `jax.vmap`."
-        )
-    if x.dtype != dtype:
-        raise TypeError(
-            f"`{where}`: `{name}` must have dtype {dtype}, got {x.dtype}; cast it with "
-            f"`{name}.astype({dtype})` or build the layer with `dtype={x.dtype}`."
-        )
+_State = TypeVar("_State", bound=eqx.Module)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,19 +37,22 @@ class ALIFState(eqx.Module):
 # Neurons
 
 
-class AbstractNeuron(eqx.Module):
+class AbstractNeuron(eqx.Module, Generic[_State]):
     """A stateless population of spiking neurons: `neuron(I, state) -> new_state`, and
     `neuron.spike(state)` for the spikes that a state emits.
 
     The spikes of step $t$ are `neuron.spike(new_state)`, a function of the new state only. The reset
     that they cause is applied at the start of step $t + 1$, inside `neuron(I, new_state)`, so that
     the state holds no separate spike variable.
+
+    A population has a `size` and a floating `dtype`, those of its inputs and of its state.
     """
 
     size: eqx.AbstractVar[int]
+    dtype: eqx.AbstractVar[jnp.dtype]
 
     @abc.abstractmethod
-    def __call__(self, I: Float[Array, " size"], state: eqx.Module) -> eqx.Module:  # noqa: E741
+    def __call__(self, I: Float[Array, " size"], state: _State) -> _State:  # noqa: E741
         """**Arguments:**
 
         - `I`: input current at this step, shape `(size,)`, of the neuron's dtype.
@@ -82,7 +64,7 @@ class AbstractNeuron(eqx.Module):
         """
 
     @abc.abstractmethod
-    def spike(self, state: eqx.Module) -> Float[Array, " size"]:
+    def spike(self, state: _State) -> Float[Array, " size"]:
         """**Arguments:**
 
         - `state`: a state of this population.
@@ -93,27 +75,24 @@ class AbstractNeuron(eqx.Module):
         """
 
     @abc.abstractmethod
-    def init_state(self) -> eqx.Module:
+    def init_state(self) -> _State:
         """**Returns:**
 
         The resting state: zeros of shape `(size,)` in the neuron's dtype.
         """
 
 
-def _reset(V, s, v_th, v_reset: float, reset: str, detach_reset: bool):
-    """Apply the reset of the previous step's spikes `s` to the leaked potential `V`."""
-    if detach_reset:
-        s = jax.lax.stop_gradient(s)
-    if reset == "soft":
-        return V - v_th * s
-    return V * (1 - s) + v_reset * s
+class _AbstractLIF(AbstractNeuron[_State]):
+    """The leak, reset and integration that `LIF` and `ALIF` share."""
 
-
-class _LIFBase(AbstractNeuron):
-    size: eqx.AbstractVar[int]
     tau: eqx.AbstractVar[Float[Array, " size"] | None]
     tau_value: eqx.AbstractVar[float]
+    v_th: eqx.AbstractVar[float]
+    v_reset: eqx.AbstractVar[float]
+    reset: eqx.AbstractVar[str]
+    detach_reset: eqx.AbstractVar[bool]
     dt: eqx.AbstractVar[float]
+    surrogate: eqx.AbstractVar[AbstractSurrogate]
 
     def _decay(self) -> Float[Array, " size"] | float:
         if self.tau is None:
@@ -121,13 +100,26 @@ class _LIFBase(AbstractNeuron):
         dt = self.dt
         return element_wise(self.tau, lambda t: jnp.exp(-dt / t))
 
+    def _integrate(self, I: Array, V: Array, threshold: Array | float) -> tuple[Array, Array]:  # noqa: E741
+        """The new potential from the previous `V` and its `threshold` (leak, then the reset by the
+        spikes of `V`, then the input `I`, checked here), and those spikes."""
+        check_input(type(self).__name__, I, self.size, self.dtype, "I", "neuron")
+        s = self.surrogate(V - threshold)
+        V = self._decay() * V
+        r = jax.lax.stop_gradient(s) if self.detach_reset else s
+        V = V - threshold * r if self.reset == "soft" else V * (1 - r) + self.v_reset * r
+        return V + I, s
 
-def _init_common(self, where, size, tau, v_th, v_reset, reset, learn_tau, detach_reset, dt, surrogate, dtype):
+
+def _init_common(self, size, tau, v_th, v_reset, reset, learn_tau, detach_reset, dt, surrogate, dtype):
+    """Check and set the fields that `LIF` and `ALIF` share."""
+    where = type(self).__name__
+    surrogate = SigmoidSurrogate() if surrogate is None else surrogate
     check_positive_int(size, "size", where)
-    self.tau_value = _check_positive(tau, "tau", where)
-    self.dt = _check_positive(dt, "dt", where)
-    self.v_th = _check_float(v_th, "v_th", where)
-    self.v_reset = _check_float(v_reset, "v_reset", where)
+    self.tau_value = check_positive_float(tau, "tau", where)
+    self.dt = check_positive_float(dt, "dt", where)
+    self.v_th = check_float(v_th, "v_th", where)
+    self.v_reset = check_float(v_reset, "v_reset", where)
     if reset not in ("soft", "hard"):
         raise ValueError(f"`{where}`: `reset` must be 'soft' or 'hard', got {reset!r}.")
     if not isinstance(surrogate, AbstractSurrogate):
@@ -144,7 +136,7 @@ def _init_common(self, where, size, tau, v_th, v_reset, reset, learn_tau, detach
     self.tau = jnp.full((size,), self.tau_value, dtype) if learn_tau else None
 
 
-class LIF(_LIFBase):
+class LIF(_AbstractLIF[LIFState]):
     r"""Leaky integrate-and-fire neurons, discretised with step $\Delta t$:
 
     $$V_t = \alpha V_{t-1} + I_t - v_{\mathrm{th}}\, s_{t-1} \quad\text{(soft reset)},$$
@@ -152,7 +144,7 @@ class LIF(_LIFBase):
 
     with $\alpha = e^{-\Delta t / \tau}$ and spikes $s_t = H(V_t - v_{\mathrm{th}})$, $H$ the Heaviside
     step with a surrogate derivative. The spikes of a state are `neuron.spike(state)`; the reset by
-    the spikes of step $t-1$ happens inside step $t$.
+    the spikes of step $t-1$ happens inside step $t$. The state is a [`eqtrace.nn.LIFState`][].
 
     With `learn_tau=True`, field `tau` is a per-neuron array and $\alpha$ is computed through
     [`eqtrace.element_wise`][], so that $\tau$ is trained online; otherwise `tau` is `None` and
@@ -197,42 +189,20 @@ class LIF(_LIFBase):
         - `surrogate`: the spike function; `SigmoidSurrogate()` by default.
         - `dtype`: floating dtype of `tau` and of the state; JAX's default if `None`.
         """
-        surrogate = SigmoidSurrogate() if surrogate is None else surrogate
-        _init_common(
-            self, "LIF", size, tau, v_th, v_reset, reset, learn_tau, detach_reset, dt, surrogate, dtype
-        )
+        _init_common(self, size, tau, v_th, v_reset, reset, learn_tau, detach_reset, dt, surrogate, dtype)
 
     def __call__(self, I: Float[Array, " size"], state: LIFState) -> LIFState:  # noqa: E741
-        """**Arguments:**
-
-        - `I`: input current, shape `(size,)`.
-        - `state`: previous [`eqtrace.nn.LIFState`][].
-
-        **Returns:**
-
-        The new [`eqtrace.nn.LIFState`][].
-        """
-        check_current("LIF", I, self.size, self.dtype, "I")
-        s = self.spike(state)
-        V = _reset(self._decay() * state.V, s, self.v_th, self.v_reset, self.reset, self.detach_reset)
-        return LIFState(V=V + I)
+        V, _ = self._integrate(I, state.V, self.v_th)
+        return LIFState(V=V)
 
     def spike(self, state: LIFState) -> Float[Array, " size"]:
-        r"""**Returns:**
-
-        $s = H(V - v_{\mathrm{th}})$ with the surrogate derivative.
-        """
         return self.surrogate(state.V - self.v_th)
 
     def init_state(self) -> LIFState:
-        """**Returns:**
-
-        `LIFState(V=zeros(size))`.
-        """
         return LIFState(V=jnp.zeros((self.size,), self.dtype))
 
 
-class ALIF(_LIFBase):
+class ALIF(_AbstractLIF[ALIFState]):
     r"""Adaptive leaky integrate-and-fire neurons (Bellec et al., 2018), with an adaptive threshold
     $A_t = v_{\mathrm{th}} + \beta a_t$:
 
@@ -241,7 +211,8 @@ class ALIF(_LIFBase):
     $$a_t = \rho\, a_{t-1} + s_{t-1},$$
 
     with $\alpha = e^{-\Delta t / \tau}$, $\rho = e^{-\Delta t / \tau_a}$ and spikes
-    $s_t = H(V_t - A_t)$. `V` and `a` interact within one step, so they form one hidden group.
+    $s_t = H(V_t - A_t)$. The state is an [`eqtrace.nn.ALIFState`][]: `V` and `a` interact within one
+    step, so they form one hidden group.
     """
 
     size: int = eqx.field(static=True)
@@ -283,12 +254,9 @@ class ALIF(_LIFBase):
         - `v_reset`, `reset`, `learn_tau`, `detach_reset`, `dt`, `surrogate`, `dtype`: as for
           [`eqtrace.nn.LIF`][].
         """
-        surrogate = SigmoidSurrogate() if surrogate is None else surrogate
-        _init_common(
-            self, "ALIF", size, tau, v_th, v_reset, reset, learn_tau, detach_reset, dt, surrogate, dtype
-        )
-        self.tau_a = _check_positive(tau_a, "tau_a", "ALIF")
-        self.beta = _check_float(beta, "beta", "ALIF")
+        _init_common(self, size, tau, v_th, v_reset, reset, learn_tau, detach_reset, dt, surrogate, dtype)
+        self.tau_a = check_positive_float(tau_a, "tau_a", "ALIF")
+        self.beta = check_float(beta, "beta", "ALIF")
 
     def threshold(self, state: ALIFState) -> Float[Array, " size"]:
         r"""**Returns:**
@@ -298,34 +266,12 @@ class ALIF(_LIFBase):
         return self.v_th + self.beta * state.a
 
     def __call__(self, I: Float[Array, " size"], state: ALIFState) -> ALIFState:  # noqa: E741
-        """**Arguments:**
-
-        - `I`: input current, shape `(size,)`.
-        - `state`: previous [`eqtrace.nn.ALIFState`][].
-
-        **Returns:**
-
-        The new [`eqtrace.nn.ALIFState`][].
-        """
-        check_current("ALIF", I, self.size, self.dtype, "I")
-        s = self.spike(state)
-        V = _reset(
-            self._decay() * state.V, s, self.threshold(state), self.v_reset, self.reset, self.detach_reset
-        )
-        a = math.exp(-self.dt / self.tau_a) * state.a + s
-        return ALIFState(V=V + I, a=a)
+        V, s = self._integrate(I, state.V, self.threshold(state))
+        return ALIFState(V=V, a=math.exp(-self.dt / self.tau_a) * state.a + s)
 
     def spike(self, state: ALIFState) -> Float[Array, " size"]:
-        r"""**Returns:**
-
-        $s = H(V - v_{\mathrm{th}} - \beta a)$ with the surrogate derivative.
-        """
         return self.surrogate(state.V - self.threshold(state))
 
     def init_state(self) -> ALIFState:
-        """**Returns:**
-
-        `ALIFState(V=zeros(size), a=zeros(size))`.
-        """
         z = jnp.zeros((self.size,), self.dtype)
         return ALIFState(V=z, a=z)

@@ -5,8 +5,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._linear import Linear
-from ._misc import canonical_dtype, check_positive_int
-from ._neurons import check_current
+from ._misc import canonical_dtype, check_input, check_positive_float, check_positive_int
 
 
 class LeakyRateReadoutState(eqx.Module):
@@ -53,15 +52,12 @@ class LeakyRateReadout(eqx.Module):
         """
         check_positive_int(in_size, "in_size", "LeakyRateReadout")
         check_positive_int(out_size, "out_size", "LeakyRateReadout")
-        for name, value in (("tau", tau), ("dt", dt)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"`LeakyRateReadout`: `{name}` must be a positive float, got {value!r}.")
+        self.tau = check_positive_float(tau, "tau", "LeakyRateReadout")
+        self.dt = check_positive_float(dt, "dt", "LeakyRateReadout")
         dtype = canonical_dtype(dtype, "LeakyRateReadout")
         self.W = Linear(in_size, out_size, use_bias, dtype=dtype, key=key)
         self.in_size = in_size
         self.out_size = out_size
-        self.tau = float(tau)
-        self.dt = float(dt)
 
     def __call__(self, x: Float[Array, " in_size"], state: LeakyRateReadoutState) -> LeakyRateReadoutState:
         """**Arguments:**
@@ -73,7 +69,7 @@ class LeakyRateReadout(eqx.Module):
 
         The new [`eqtrace.nn.LeakyRateReadoutState`][]; its `r` is the output.
         """
-        check_current("LeakyRateReadout", x, self.in_size, self.W.weight.dtype)
+        check_input("LeakyRateReadout", x, self.in_size, self.W.weight.dtype)
         kappa = math.exp(-self.dt / self.tau)
         return LeakyRateReadoutState(r=kappa * state.r + (1 - kappa) * self.W(x))
 

@@ -1,5 +1,6 @@
 import abc
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import equinox as eqx
 import jax
@@ -8,31 +9,26 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._ops import element_wise
 from ._linear import Linear
-from ._misc import canonical_dtype, check_positive_int
+from ._misc import canonical_dtype, check_input, check_positive_int
 
 
 def _concat(*arrays: Float[Array, " _"]) -> Float[Array, " _"]:
     return jnp.concatenate(arrays, axis=-1)
 
 
-def _check_input(cell: "AbstractRNNCell", x: Array, dtype) -> None:
-    """Host-side check of the input's shape and dtype: the cell computes in its own dtype."""
+def _check_args(cell: "AbstractRNNCell", input_size: int, hidden_size: int, dtype) -> jnp.dtype:
+    """Check the arguments that every cell's constructor takes; return the cell's dtype."""
     where = type(cell).__name__
-    if x.shape != (cell.input_size,):
-        raise ValueError(
-            f"`{where}`: `x` must have shape ({cell.input_size},), got {tuple(x.shape)}; "
-            "batch with `jax.vmap`."
-        )
-    if x.dtype != dtype:
-        raise TypeError(
-            f"`{where}`: `x` must have the cell's dtype {dtype}, got {x.dtype}; cast it with "
-            f"`x.astype({dtype})` or build the cell with `dtype={x.dtype}`."
-        )
-
-
-def _check_sizes(where: str, input_size: int, hidden_size: int) -> None:
     check_positive_int(input_size, "input_size", where)
     check_positive_int(hidden_size, "hidden_size", where)
+    return canonical_dtype(dtype, where)
+
+
+def _gates(
+    n: int, in_features: int, hidden_size: int, use_bias: bool, dtype, key: PRNGKeyArray
+) -> list[Linear]:
+    """`n` gates, each a `Linear` from its own part of `jax.random.split(key, n)`."""
+    return [Linear(in_features, hidden_size, use_bias, dtype=dtype, key=k) for k in jax.random.split(key, n)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -40,15 +36,21 @@ def _check_sizes(where: str, input_size: int, hidden_size: int) -> None:
 
 
 class VanillaRNNState(eqx.Module):
-    """State of a [`eqtrace.nn.VanillaRNNCell`][]: the hidden vector `h`."""
+    """State of the cells whose state is one hidden vector `h`: [`eqtrace.nn.VanillaRNNCell`][],
+    [`eqtrace.nn.GRUCell`][], [`eqtrace.nn.MGUCell`][], [`eqtrace.nn.MinimalRNNCell`][] and
+    [`eqtrace.nn.IndRNNCell`][].
+
+    `GRUState`, `MGUState`, `MinimalRNNState` and `IndRNNState` are other names of this class, so
+    that the states of these cells share one pytree structure.
+    """
 
     h: Float[Array, "*batch hidden_size"]
 
 
-class GRUState(eqx.Module):
-    """State of a [`eqtrace.nn.GRUCell`][]: the hidden vector `h`."""
-
-    h: Float[Array, "*batch hidden_size"]
+GRUState = VanillaRNNState
+MGUState = VanillaRNNState
+MinimalRNNState = VanillaRNNState
+IndRNNState = VanillaRNNState
 
 
 class LSTMState(eqx.Module):
@@ -58,41 +60,37 @@ class LSTMState(eqx.Module):
     c: Float[Array, "*batch hidden_size"]
 
 
-class MGUState(eqx.Module):
-    """State of a [`eqtrace.nn.MGUCell`][]: the hidden vector `h`."""
-
-    h: Float[Array, "*batch hidden_size"]
-
-
-class MinimalRNNState(eqx.Module):
-    """State of a [`eqtrace.nn.MinimalRNNCell`][]: the hidden vector `h`."""
-
-    h: Float[Array, "*batch hidden_size"]
-
-
-class IndRNNState(eqx.Module):
-    """State of a [`eqtrace.nn.IndRNNCell`][]: the hidden vector `h`."""
-
-    h: Float[Array, "*batch hidden_size"]
-
-
 # ---------------------------------------------------------------------------------------------------
 # Cells
 
 
-class AbstractRNNCell(eqx.Module):
-    """A stateless recurrent cell: `cell(x, state) -> new_state`, with `cell.init_state()` at zero.
+_State = TypeVar("_State", bound=eqx.Module)
+
+
+class AbstractRNNCell(eqx.Module, Generic[_State]):
+    r"""A stateless recurrent cell: `cell(x, state) -> new_state`, with `cell.init_state()` at zero.
 
     Cells are unbatched (`x` of shape `(input_size,)`); batch with `jax.vmap` and run over time with
     `jax.lax.scan`. Their trainable weights go through ETP operations, so that
-    [`eqtrace.compile_etrace_graph`][] finds them.
+    [`eqtrace.compile_etrace_graph`][] finds them. The state is an [`eqtrace.nn.LSTMState`][] `(h, c)`
+    for the LSTM and a [`eqtrace.nn.VanillaRNNState`][] `(h)` for every other cell.
+
+    Every cell is built as `Cell(input_size, hidden_size, *, activation, use_bias=True, dtype=None,
+    key)`:
+
+    - `input_size`: size of the input vector.
+    - `hidden_size`: size of the hidden vector (and of the LSTM's cell vector).
+    - `activation`: the cell's element-wise nonlinearity $\sigma$ (each cell says where it acts).
+    - `use_bias`: whether the cell's [`eqtrace.nn.Linear`][] layers have biases.
+    - `dtype`: floating dtype of the parameters and state; JAX's default if `None`.
+    - `key`: a `jax.random` key for the initialisation.
     """
 
     input_size: eqx.AbstractVar[int]
     hidden_size: eqx.AbstractVar[int]
 
     @abc.abstractmethod
-    def __call__(self, x: Float[Array, " input_size"], state: eqx.Module) -> eqx.Module:
+    def __call__(self, x: Float[Array, " input_size"], state: _State) -> _State:
         """**Arguments:**
 
         - `x`: input at this step, shape `(input_size,)`, of the cell's dtype.
@@ -104,14 +102,18 @@ class AbstractRNNCell(eqx.Module):
         """
 
     @abc.abstractmethod
-    def init_state(self) -> eqx.Module:
+    def init_state(self) -> _State:
         """**Returns:**
 
         The initial state: zeros of shape `(hidden_size,)` in the cell's dtype.
         """
 
+    def _check_input(self, x: Array, dtype) -> None:
+        """Host-side check of the input's shape and dtype: the cell computes in its own dtype."""
+        check_input(type(self).__name__, x, self.input_size, dtype, owner="cell")
 
-class VanillaRNNCell(AbstractRNNCell):
+
+class VanillaRNNCell(AbstractRNNCell[VanillaRNNState]):
     r"""Elman recurrent cell: $h' = \sigma(W [x; h] + b)$, with $\sigma = \tanh$ by default.
 
     Field `W` is a [`eqtrace.nn.Linear`][] from `input_size + hidden_size` to `hidden_size`.
@@ -132,47 +134,24 @@ class VanillaRNNCell(AbstractRNNCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        r"""**Arguments:**
-
-        - `input_size`: size of the input vector.
-        - `hidden_size`: size of the hidden vector.
-        - `activation`: element-wise nonlinearity $\sigma$; `jnp.tanh` by default.
-        - `use_bias`: whether `W` has a bias.
-        - `dtype`: floating dtype of the parameters and state; JAX's default if `None`.
-        - `key`: a `jax.random` key for the initialisation.
-        """
-        _check_sizes("VanillaRNNCell", input_size, hidden_size)
-        dtype = canonical_dtype(dtype, "VanillaRNNCell")
+        r"""**Arguments:** as for every [`eqtrace.nn.AbstractRNNCell`][]; `activation` is the $\sigma$
+        of $h'$."""
+        dtype = _check_args(self, input_size, hidden_size, dtype)
         self.W = Linear(input_size + hidden_size, hidden_size, use_bias, dtype=dtype, key=key)
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.activation = activation
+        self.input_size, self.hidden_size, self.activation = input_size, hidden_size, activation
 
     def __call__(self, x: Float[Array, " input_size"], state: VanillaRNNState) -> VanillaRNNState:
-        """**Arguments:**
-
-        - `x`: input, shape `(input_size,)`.
-        - `state`: previous [`eqtrace.nn.VanillaRNNState`][].
-
-        **Returns:**
-
-        The new [`eqtrace.nn.VanillaRNNState`][].
-        """
-        _check_input(self, x, self.W.weight.dtype)
+        self._check_input(x, self.W.weight.dtype)
         return VanillaRNNState(h=self.activation(self.W(_concat(x, state.h))))
 
     def init_state(self) -> VanillaRNNState:
-        """**Returns:**
-
-        `VanillaRNNState(h=zeros(hidden_size))` in the cell's dtype.
-        """
         return VanillaRNNState(h=jnp.zeros((self.hidden_size,), self.W.weight.dtype))
 
 
 ValinaRNNCell = VanillaRNNCell  # braintrace's spelling
 
 
-class GRUCell(AbstractRNNCell):
+class GRUCell(AbstractRNNCell[VanillaRNNState]):
     r"""Gated recurrent unit, each gate its own [`eqtrace.nn.Linear`][] on $[x; h]$:
 
     $z = \mathrm{sigmoid}(W_z [x; h] + b_z)$, $r = \mathrm{sigmoid}(W_r [x; h] + b_r)$,
@@ -199,53 +178,26 @@ class GRUCell(AbstractRNNCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        r"""**Arguments:**
+        r"""**Arguments:** as for every [`eqtrace.nn.AbstractRNNCell`][]; `activation` is the $\sigma$
+        of the candidate $\tilde h$."""
+        dtype = _check_args(self, input_size, hidden_size, dtype)
+        self.Wz, self.Wr, self.Wh = _gates(3, input_size + hidden_size, hidden_size, use_bias, dtype, key)
+        self.input_size, self.hidden_size, self.activation = input_size, hidden_size, activation
 
-        - `input_size`: size of the input vector.
-        - `hidden_size`: size of the hidden vector.
-        - `activation`: nonlinearity $\sigma$ of the candidate $\tilde h$; `jnp.tanh` by default.
-        - `use_bias`: whether the gates have biases.
-        - `dtype`: floating dtype of the parameters and state; JAX's default if `None`.
-        - `key`: a `jax.random` key for the initialisation.
-        """
-        _check_sizes("GRUCell", input_size, hidden_size)
-        dtype = canonical_dtype(dtype, "GRUCell")
-        zkey, rkey, hkey = jax.random.split(key, 3)
-        n = input_size + hidden_size
-        self.Wz = Linear(n, hidden_size, use_bias, dtype=dtype, key=zkey)
-        self.Wr = Linear(n, hidden_size, use_bias, dtype=dtype, key=rkey)
-        self.Wh = Linear(n, hidden_size, use_bias, dtype=dtype, key=hkey)
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.activation = activation
-
-    def __call__(self, x: Float[Array, " input_size"], state: GRUState) -> GRUState:
-        """**Arguments:**
-
-        - `x`: input, shape `(input_size,)`.
-        - `state`: previous [`eqtrace.nn.GRUState`][].
-
-        **Returns:**
-
-        The new [`eqtrace.nn.GRUState`][].
-        """
-        _check_input(self, x, self.Wz.weight.dtype)
+    def __call__(self, x: Float[Array, " input_size"], state: VanillaRNNState) -> VanillaRNNState:
+        self._check_input(x, self.Wz.weight.dtype)
         h = state.h
         xh = _concat(x, h)
         z = jax.nn.sigmoid(self.Wz(xh))
         r = jax.nn.sigmoid(self.Wr(xh))
         cand = self.activation(self.Wh(_concat(x, r * h)))
-        return GRUState(h=(1 - z) * h + z * cand)
+        return VanillaRNNState(h=(1 - z) * h + z * cand)
 
-    def init_state(self) -> GRUState:
-        """**Returns:**
-
-        `GRUState(h=zeros(hidden_size))` in the cell's dtype.
-        """
-        return GRUState(h=jnp.zeros((self.hidden_size,), self.Wz.weight.dtype))
+    def init_state(self) -> VanillaRNNState:
+        return VanillaRNNState(h=jnp.zeros((self.hidden_size,), self.Wz.weight.dtype))
 
 
-class LSTMCell(AbstractRNNCell):
+class LSTMCell(AbstractRNNCell[LSTMState]):
     r"""Long short-term memory cell, each gate its own [`eqtrace.nn.Linear`][] on $[x; h]$:
 
     $i, f, o = \mathrm{sigmoid}(W_{i,f,o} [x; h] + b_{i,f,o})$, $g = \sigma(W_g [x; h] + b_g)$,
@@ -272,41 +224,17 @@ class LSTMCell(AbstractRNNCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        r"""**Arguments:**
-
-        - `input_size`: size of the input vector.
-        - `hidden_size`: size of the hidden and cell vectors.
-        - `activation`: nonlinearity $\sigma$ of $g$ and of the output; `jnp.tanh` by default.
-        - `use_bias`: whether the gates have biases (the forget gate's starts at $1$).
-        - `dtype`: floating dtype of the parameters and state; JAX's default if `None`.
-        - `key`: a `jax.random` key for the initialisation.
-        """
-        _check_sizes("LSTMCell", input_size, hidden_size)
-        dtype = canonical_dtype(dtype, "LSTMCell")
-        ikey, fkey, okey, gkey = jax.random.split(key, 4)
-        n = input_size + hidden_size
-        self.Wi = Linear(n, hidden_size, use_bias, dtype=dtype, key=ikey)
-        Wf = Linear(n, hidden_size, use_bias, dtype=dtype, key=fkey)
+        r"""**Arguments:** as for every [`eqtrace.nn.AbstractRNNCell`][]; `activation` is the $\sigma$
+        of $g$ and of the output."""
+        dtype = _check_args(self, input_size, hidden_size, dtype)
+        self.Wi, Wf, self.Wo, self.Wg = _gates(4, input_size + hidden_size, hidden_size, use_bias, dtype, key)
         if use_bias:
             Wf = eqx.tree_at(lambda lin: lin.bias, Wf, jnp.ones((hidden_size,), dtype))
         self.Wf = Wf
-        self.Wo = Linear(n, hidden_size, use_bias, dtype=dtype, key=okey)
-        self.Wg = Linear(n, hidden_size, use_bias, dtype=dtype, key=gkey)
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.activation = activation
+        self.input_size, self.hidden_size, self.activation = input_size, hidden_size, activation
 
     def __call__(self, x: Float[Array, " input_size"], state: LSTMState) -> LSTMState:
-        """**Arguments:**
-
-        - `x`: input, shape `(input_size,)`.
-        - `state`: previous [`eqtrace.nn.LSTMState`][].
-
-        **Returns:**
-
-        The new [`eqtrace.nn.LSTMState`][].
-        """
-        _check_input(self, x, self.Wi.weight.dtype)
+        self._check_input(x, self.Wi.weight.dtype)
         xh = _concat(x, state.h)
         i = jax.nn.sigmoid(self.Wi(xh))
         f = jax.nn.sigmoid(self.Wf(xh))
@@ -316,15 +244,11 @@ class LSTMCell(AbstractRNNCell):
         return LSTMState(h=o * self.activation(c), c=c)
 
     def init_state(self) -> LSTMState:
-        """**Returns:**
-
-        `LSTMState(h=zeros(hidden_size), c=zeros(hidden_size))` in the cell's dtype.
-        """
         zeros = jnp.zeros((self.hidden_size,), self.Wi.weight.dtype)
         return LSTMState(h=zeros, c=zeros)
 
 
-class MGUCell(AbstractRNNCell):
+class MGUCell(AbstractRNNCell[VanillaRNNState]):
     r"""Minimal gated unit (Zhou et al. 2016), a GRU with one gate:
 
     $f = \mathrm{sigmoid}(W_f [x; h] + b_f)$, $\tilde h = \sigma(W_h [x; f \odot h] + b_h)$,
@@ -349,50 +273,24 @@ class MGUCell(AbstractRNNCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        r"""**Arguments:**
+        r"""**Arguments:** as for every [`eqtrace.nn.AbstractRNNCell`][]; `activation` is the $\sigma$
+        of the candidate $\tilde h$."""
+        dtype = _check_args(self, input_size, hidden_size, dtype)
+        self.Wf, self.Wh = _gates(2, input_size + hidden_size, hidden_size, use_bias, dtype, key)
+        self.input_size, self.hidden_size, self.activation = input_size, hidden_size, activation
 
-        - `input_size`: size of the input vector.
-        - `hidden_size`: size of the hidden vector.
-        - `activation`: nonlinearity $\sigma$ of the candidate $\tilde h$; `jnp.tanh` by default.
-        - `use_bias`: whether the gates have biases.
-        - `dtype`: floating dtype of the parameters and state; JAX's default if `None`.
-        - `key`: a `jax.random` key for the initialisation.
-        """
-        _check_sizes("MGUCell", input_size, hidden_size)
-        dtype = canonical_dtype(dtype, "MGUCell")
-        fkey, hkey = jax.random.split(key)
-        n = input_size + hidden_size
-        self.Wf = Linear(n, hidden_size, use_bias, dtype=dtype, key=fkey)
-        self.Wh = Linear(n, hidden_size, use_bias, dtype=dtype, key=hkey)
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.activation = activation
-
-    def __call__(self, x: Float[Array, " input_size"], state: MGUState) -> MGUState:
-        """**Arguments:**
-
-        - `x`: input, shape `(input_size,)`.
-        - `state`: previous [`eqtrace.nn.MGUState`][].
-
-        **Returns:**
-
-        The new [`eqtrace.nn.MGUState`][].
-        """
-        _check_input(self, x, self.Wf.weight.dtype)
+    def __call__(self, x: Float[Array, " input_size"], state: VanillaRNNState) -> VanillaRNNState:
+        self._check_input(x, self.Wf.weight.dtype)
         h = state.h
         f = jax.nn.sigmoid(self.Wf(_concat(x, h)))
         cand = self.activation(self.Wh(_concat(x, f * h)))
-        return MGUState(h=(1 - f) * h + f * cand)
+        return VanillaRNNState(h=(1 - f) * h + f * cand)
 
-    def init_state(self) -> MGUState:
-        """**Returns:**
-
-        `MGUState(h=zeros(hidden_size))` in the cell's dtype.
-        """
-        return MGUState(h=jnp.zeros((self.hidden_size,), self.Wf.weight.dtype))
+    def init_state(self) -> VanillaRNNState:
+        return VanillaRNNState(h=jnp.zeros((self.hidden_size,), self.Wf.weight.dtype))
 
 
-class MinimalRNNCell(AbstractRNNCell):
+class MinimalRNNCell(AbstractRNNCell[VanillaRNNState]):
     r"""Minimal RNN (Chen 2017): the input is encoded, then mixed into $h$ by one gate:
 
     $z = \sigma(\phi\, x + b_\phi)$, $u = \mathrm{sigmoid}(W_u [x; h] + b_u)$,
@@ -417,49 +315,26 @@ class MinimalRNNCell(AbstractRNNCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        r"""**Arguments:**
-
-        - `input_size`: size of the input vector.
-        - `hidden_size`: size of the hidden vector.
-        - `activation`: nonlinearity $\sigma$ of the encoding $z$; `jnp.tanh` by default.
-        - `use_bias`: whether `phi` and `Wu` have biases.
-        - `dtype`: floating dtype of the parameters and state; JAX's default if `None`.
-        - `key`: a `jax.random` key for the initialisation.
-        """
-        _check_sizes("MinimalRNNCell", input_size, hidden_size)
-        dtype = canonical_dtype(dtype, "MinimalRNNCell")
+        r"""**Arguments:** as for every [`eqtrace.nn.AbstractRNNCell`][]; `activation` is the $\sigma$
+        of the encoding $z$."""
+        dtype = _check_args(self, input_size, hidden_size, dtype)
         pkey, ukey = jax.random.split(key)
         self.phi = Linear(input_size, hidden_size, use_bias, dtype=dtype, key=pkey)
         self.Wu = Linear(input_size + hidden_size, hidden_size, use_bias, dtype=dtype, key=ukey)
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.activation = activation
+        self.input_size, self.hidden_size, self.activation = input_size, hidden_size, activation
 
-    def __call__(self, x: Float[Array, " input_size"], state: MinimalRNNState) -> MinimalRNNState:
-        """**Arguments:**
-
-        - `x`: input, shape `(input_size,)`.
-        - `state`: previous [`eqtrace.nn.MinimalRNNState`][].
-
-        **Returns:**
-
-        The new [`eqtrace.nn.MinimalRNNState`][].
-        """
-        _check_input(self, x, self.Wu.weight.dtype)
+    def __call__(self, x: Float[Array, " input_size"], state: VanillaRNNState) -> VanillaRNNState:
+        self._check_input(x, self.Wu.weight.dtype)
         h = state.h
         z = self.activation(self.phi(x))
         u = jax.nn.sigmoid(self.Wu(_concat(x, h)))
-        return MinimalRNNState(h=u * h + (1 - u) * z)
+        return VanillaRNNState(h=u * h + (1 - u) * z)
 
-    def init_state(self) -> MinimalRNNState:
-        """**Returns:**
-
-        `MinimalRNNState(h=zeros(hidden_size))` in the cell's dtype.
-        """
-        return MinimalRNNState(h=jnp.zeros((self.hidden_size,), self.Wu.weight.dtype))
+    def init_state(self) -> VanillaRNNState:
+        return VanillaRNNState(h=jnp.zeros((self.hidden_size,), self.Wu.weight.dtype))
 
 
-class IndRNNCell(AbstractRNNCell):
+class IndRNNCell(AbstractRNNCell[VanillaRNNState]):
     r"""Independently recurrent cell (Li et al. 2018): each neuron feeds back only to itself,
 
     $h' = \sigma(W x + b + u \odot h)$, with $\sigma = \mathrm{relu}$ by default.
@@ -485,40 +360,17 @@ class IndRNNCell(AbstractRNNCell):
         dtype=None,
         key: PRNGKeyArray,
     ):
-        r"""**Arguments:**
-
-        - `input_size`: size of the input vector.
-        - `hidden_size`: size of the hidden vector.
-        - `activation`: element-wise nonlinearity $\sigma$; `jax.nn.relu` by default.
-        - `use_bias`: whether `W` has a bias.
-        - `dtype`: floating dtype of the parameters and state; JAX's default if `None`.
-        - `key`: a `jax.random` key for the initialisation.
-        """
-        _check_sizes("IndRNNCell", input_size, hidden_size)
-        dtype = canonical_dtype(dtype, "IndRNNCell")
+        r"""**Arguments:** as for every [`eqtrace.nn.AbstractRNNCell`][]; `activation` is the $\sigma$
+        of $h'$, `jax.nn.relu` by default."""
+        dtype = _check_args(self, input_size, hidden_size, dtype)
         wkey, ukey = jax.random.split(key)
         self.W = Linear(input_size, hidden_size, use_bias, dtype=dtype, key=wkey)
         self.u = jax.random.uniform(ukey, (hidden_size,), dtype=dtype, minval=0.0, maxval=1.0)
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.activation = activation
+        self.input_size, self.hidden_size, self.activation = input_size, hidden_size, activation
 
-    def __call__(self, x: Float[Array, " input_size"], state: IndRNNState) -> IndRNNState:
-        """**Arguments:**
+    def __call__(self, x: Float[Array, " input_size"], state: VanillaRNNState) -> VanillaRNNState:
+        self._check_input(x, self.u.dtype)
+        return VanillaRNNState(h=self.activation(self.W(x) + element_wise(self.u) * state.h))
 
-        - `x`: input, shape `(input_size,)`.
-        - `state`: previous [`eqtrace.nn.IndRNNState`][].
-
-        **Returns:**
-
-        The new [`eqtrace.nn.IndRNNState`][].
-        """
-        _check_input(self, x, self.u.dtype)
-        return IndRNNState(h=self.activation(self.W(x) + element_wise(self.u) * state.h))
-
-    def init_state(self) -> IndRNNState:
-        """**Returns:**
-
-        `IndRNNState(h=zeros(hidden_size))` in the cell's dtype.
-        """
-        return IndRNNState(h=jnp.zeros((self.hidden_size,), self.u.dtype))
+    def init_state(self) -> VanillaRNNState:
+        return VanillaRNNState(h=jnp.zeros((self.hidden_size,), self.u.dtype))

@@ -1,12 +1,10 @@
-from typing import ClassVar
-
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._linear import Linear
-from ._misc import canonical_dtype, check_positive_int
-from ._neurons import AbstractNeuron, ALIF, check_current, LIF
+from ._misc import canonical_dtype, check_input, check_positive_int
+from ._neurons import AbstractNeuron, ALIF, LIF
 
 
 def _make_neuron(neuron, hidden_size: int, dtype, where: str) -> AbstractNeuron:
@@ -81,7 +79,7 @@ class AbstractSpikingLayer(eqx.Module):
 
         The neuron's new state.
         """
-        check_current(type(self).__name__, x, self.in_size, self.W.weight.dtype)
+        check_input(type(self).__name__, x, self.in_size, self.W.weight.dtype)
         if self.recurrent:
             x = jnp.concatenate([x, self.neuron.spike(state)], axis=-1)
         return self.neuron(self.W(x), state)
@@ -107,7 +105,8 @@ class FeedForwardSpikingLayer(AbstractSpikingLayer):
     Fields `W` (a [`eqtrace.nn.Linear`][] from `in_size` to `hidden_size`) and `neuron`.
     """
 
-    recurrent: ClassVar[bool] = False
+    recurrent = False
+    __init__ = AbstractSpikingLayer.__init__  # inherited anyway (Equinox); named for type checkers
 
 
 class RecurrentSpikingLayer(AbstractSpikingLayer):
@@ -119,4 +118,5 @@ class RecurrentSpikingLayer(AbstractSpikingLayer):
     neuron's update. The state is the neuron's; the previous spikes are recomputed from it.
     """
 
-    recurrent: ClassVar[bool] = True
+    recurrent = True
+    __init__ = AbstractSpikingLayer.__init__

@@ -1,5 +1,4 @@
 import abc
-import functools
 import math
 
 import equinox as eqx
@@ -7,53 +6,47 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._misc import check_positive_float
+
 
 def _heaviside(v: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
     return (v > 0).astype(v.dtype)
 
 
-def _check_positive_float(value, name: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"`{where}`: `{name}` must be a positive float, got {value!r}.")
-    return float(value)
+def _spike_function(name: str, derivative):
+    """A spike function `name(v, shape)`: the Heaviside step of `v` forward, and `derivative(v, shape)`
+    as its derivative backward.
+
+    It is a `custom_jvp` whose primal body is element-wise (`gt`, `convert_element_type`), so that the
+    compiler sees it as position-wise; `shape` is a non-differentiable Python float.
+    """
+
+    def spike(v, shape):
+        return _heaviside(v)
+
+    spike.__name__ = spike.__qualname__ = name  # as jaxprs show it
+    spike = jax.custom_jvp(spike, nondiff_argnums=(1,))
+
+    @spike.defjvp
+    def _jvp(shape, primals, tangents):
+        (v,), (dv,) = primals, tangents
+        return _heaviside(v), dv * derivative(v, shape)
+
+    return spike
 
 
-# Each spike function is a `custom_jvp` whose primal body is element-wise (`gt`, `convert_element_type`),
-# so that the compiler sees it as position-wise. The shape parameter is a non-differentiable Python float.
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _sigmoid_spike(v, alpha):
-    return _heaviside(v)
-
-
-@_sigmoid_spike.defjvp
-def _sigmoid_spike_jvp(alpha, primals, tangents):
-    (v,), (dv,) = primals, tangents
+def _sigmoid_derivative(v, alpha):
     sg = jax.nn.sigmoid(alpha * v)
-    return _heaviside(v), dv * (alpha * sg * (1 - sg))
+    return alpha * sg * (1 - sg)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _triangle_spike(v, width):
-    return _heaviside(v)
-
-
-@_triangle_spike.defjvp
-def _triangle_spike_jvp(width, primals, tangents):
-    (v,), (dv,) = primals, tangents
-    return _heaviside(v), dv * (jnp.maximum(0.0, 1 - jnp.abs(v) / width) / width)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _arctan_spike(v, alpha):
-    return _heaviside(v)
-
-
-@_arctan_spike.defjvp
-def _arctan_spike_jvp(alpha, primals, tangents):
-    (v,), (dv,) = primals, tangents
-    return _heaviside(v), dv * (alpha / (2 * (1 + (math.pi / 2 * alpha * v) ** 2)))
+_sigmoid_spike = _spike_function("_sigmoid_spike", _sigmoid_derivative)
+_triangle_spike = _spike_function(
+    "_triangle_spike", lambda v, width: jnp.maximum(0.0, 1 - jnp.abs(v) / width) / width
+)
+_arctan_spike = _spike_function(
+    "_arctan_spike", lambda v, alpha: alpha / (2 * (1 + (math.pi / 2 * alpha * v) ** 2))
+)
 
 
 class AbstractSurrogate(eqx.Module):
@@ -89,7 +82,7 @@ class SigmoidSurrogate(AbstractSurrogate):
 
         - `alpha`: steepness $\\alpha > 0$; the peak derivative is $\\alpha / 4$ at $v = 0$.
         """
-        self.alpha = _check_positive_float(alpha, "alpha", "SigmoidSurrogate")
+        self.alpha = check_positive_float(alpha, "alpha", "SigmoidSurrogate")
 
     def __call__(self, v: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
         return _sigmoid_spike(v, self.alpha)
@@ -110,7 +103,7 @@ class TriangleSurrogate(AbstractSurrogate):
 
         - `width`: half-width $w > 0$ of the triangle.
         """
-        self.width = _check_positive_float(width, "width", "TriangleSurrogate")
+        self.width = check_positive_float(width, "width", "TriangleSurrogate")
 
     def __call__(self, v: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
         return _triangle_spike(v, self.width)
@@ -130,7 +123,7 @@ class ArctanSurrogate(AbstractSurrogate):
 
         - `alpha`: steepness $\\alpha > 0$; the peak derivative is $\\alpha / 2$ at $v = 0$.
         """
-        self.alpha = _check_positive_float(alpha, "alpha", "ArctanSurrogate")
+        self.alpha = check_positive_float(alpha, "alpha", "ArctanSurrogate")
 
     def __call__(self, v: Float[Array, "*shape"]) -> Float[Array, "*shape"]:
         return _arctan_spike(v, self.alpha)

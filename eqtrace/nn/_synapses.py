@@ -4,8 +4,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._misc import canonical_dtype, check_positive_int
-from ._neurons import check_current
+from ._misc import canonical_dtype, check_input, check_positive_float, check_positive_int
 
 
 class ExpSynapseState(eqx.Module):
@@ -37,12 +36,9 @@ class ExpSynapse(eqx.Module):
         - `dtype`: floating dtype of the state; JAX's default if `None`.
         """
         check_positive_int(size, "size", "ExpSynapse")
-        for name, value in (("tau_syn", tau_syn), ("dt", dt)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"`ExpSynapse`: `{name}` must be a positive float, got {value!r}.")
         self.size = size
-        self.tau_syn = float(tau_syn)
-        self.dt = float(dt)
+        self.tau_syn = check_positive_float(tau_syn, "tau_syn", "ExpSynapse")
+        self.dt = check_positive_float(dt, "dt", "ExpSynapse")
         self.dtype = canonical_dtype(dtype, "ExpSynapse")
 
     def __call__(self, x: Float[Array, " size"], state: ExpSynapseState) -> ExpSynapseState:
@@ -55,7 +51,7 @@ class ExpSynapse(eqx.Module):
 
         The new [`eqtrace.nn.ExpSynapseState`][].
         """
-        check_current("ExpSynapse", x, self.size, self.dtype)
+        check_input("ExpSynapse", x, self.size, self.dtype)
         return ExpSynapseState(g=math.exp(-self.dt / self.tau_syn) * state.g + x)
 
     def current(self, state: ExpSynapseState) -> Float[Array, " size"]:
