@@ -7,11 +7,18 @@ from ._algorithms import (
     d_rtrl_step as d_rtrl_step,
     DRTRL as DRTRL,
     DRTRLTraces as DRTRLTraces,
+    EProp as EProp,
+    EPropTraces as EPropTraces,
     es_d_rtrl_init as es_d_rtrl_init,
     es_d_rtrl_step as es_d_rtrl_step,
     ESDRTRL as ESDRTRL,
     ESDRTRLTraces as ESDRTRLTraces,
     online_grad as online_grad,
+    RTRL as RTRL,
+    SnAp1 as SnAp1,
+    TruncatedBPTT as TruncatedBPTT,
+    UORO as UORO,
+    UOROTraces as UOROTraces,
     WindowBuffer as WindowBuffer,
 )
 from ._check import (

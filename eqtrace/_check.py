@@ -33,7 +33,8 @@ class GradientCheckRow:
     - `reason`: for a leaf that is not fully traced, why: a reason of
       [`eqtrace.ExcludedWeight`][] (`non_temporal`, `untraced_use`, …), or
       `shared_across_positions` for a kernel shared across positions (a convolution), which
-      D-RTRL does not trace; `None` otherwise.
+      D-RTRL does not trace, or `no_trace_kept` under a rule that keeps no traces (truncated
+      BPTT); `None` otherwise. Under an exact rule (RTRL) every leaf is `traced`.
     - `detail`: a sentence that names the operations involved (empty if there is nothing to say).
     - `cosine`: cosine similarity $\langle g, g_\text{BPTT} \rangle / (\lVert g \rVert
       \lVert g_\text{BPTT} \rVert)$ ($0$ if the online gradient is zero); `None` when the BPTT
@@ -113,17 +114,21 @@ def _compare(path, status, reason, detail, g: np.ndarray, g_bptt: np.ndarray) ->
 def _status(graph: ETraceGraph, path: Path, rule: AbstractOnlineAlgorithm) -> tuple[str, str | None, str]:
     """How `rule` credits the leaf at `path`: `(status, reason, detail)`."""
     untraced = "window only" if getattr(rule, "window", 1) > 1 else "same-step only"
+    if rule.exact:
+        return "traced", None, ""
     relations = [r for r in graph.hidden_param_op_relations if r.weight_path == path]
     traced = [r for r in relations if rule.traces_relation(r)]
     shared = [r for r in relations if r not in traced]
     partly = [w for w in graph.partly_traced_weights if w.weight_path == path]
     excluded = [w for w in graph.excluded_weights if w.weight_path == path]
-    if shared:
-        reason: str | None = "shared_across_positions"
+    name = type(rule).__name__
+    if shared and not any(rule.traces_relation(r) for r in graph.hidden_param_op_relations):
+        reason: str | None = "no_trace_kept"
+        detail = f"{name} keeps no trace"
+    elif shared:
+        reason = "shared_across_positions"
         names = ", ".join(sorted({r.primitive.name for r in shared}))
-        detail = (
-            f"{names}: its kernel is shared across positions; {type(rule).__name__} keeps no trace for it"
-        )
+        detail = f"{names}: its kernel is shared across positions; {name} keeps no trace for it"
     elif partly:
         reason, detail = partly[0].reason, partly[0].detail
     elif excluded:

@@ -100,11 +100,12 @@ def _traced_hidden(graph, hidden):
     return [index[p] for p in graph.hidden_perturb.hidden_paths]
 
 
-def _step_parts(graph, model, state, x, target, loss_fn):
-    """Full Jacobians of one step: the hidden Jacobian (cut at ETP inputs, masked to same-group,
-    same-position entries), the learning signal `λ = ∂L_t/∂h_{t-1}` that multiplies the old trace
-    (by window: `0`, through the masked Jacobian with the step's other new values held fixed, plus
-    what the loss reads of `h_{t-1}` directly; `1`, exactly), and the exact same-step gradient."""
+def _step_parts(graph, model, state, x, target, loss_fn, cut=True):
+    """Full Jacobians of one step: the hidden Jacobian (cut at ETP inputs unless `cut=False`,
+    masked to same-group, same-position entries), the learning signal `λ = ∂L_t/∂h_{t-1}` that
+    multiplies the old trace (by window: `0`, through the masked Jacobian with the step's other new
+    values held fixed, plus what the loss reads of `h_{t-1}` directly; `1`, exactly), and the exact
+    same-step gradient."""
     weights, xs, hidden = flatten_step_inputs(graph, model, x, state)
     traced = _traced_hidden(graph, hidden)
     offsets, mask = _layout(graph)
@@ -113,7 +114,7 @@ def _step_parts(graph, model, state, x, target, loss_fn):
         h = list(hidden)
         for k, i in enumerate(traced):
             h[i] = flat_h[offsets[k] : offsets[k + 1]].reshape(hidden[i].shape)
-        return _flat(_run(graph, weights, xs, h, cut=True, detach=detach)[1])
+        return _flat(_run(graph, weights, xs, h, cut=cut, detach=detach)[1])
 
     h0 = _flat([hidden[i] for i in traced])
     j_total = jnp.where(mask, jax.jacfwd(lambda h: q_of_hidden(h, False))(h0), 0.0)
@@ -170,16 +171,16 @@ def _group_rows(graph, offsets, groups, n):
     return rows
 
 
-def d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory, window=1, override=None):
+def d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory, window=1, override=None, cut=True):
     """One step of D-RTRL (`window` 0 or 1) from full Jacobians.
 
     `memory[r]` is the approximate `∂h_{t-1}/∂W` of relation `r` as a full (hidden × weight) matrix.
     Returns `(new_memory, grads, new_state)`; `grads` as a flat list over the weight leaves.
     `override = (signal, grads)` replaces this step's learning signal and exact gradient (see
-    `window_reference`).
+    `window_reference`). `cut=False` gives SnAp-1 (see `snap1_reference_step`).
     """
     weights, xs, hidden, offsets, j_total, signals, grads = _step_parts(
-        graph, model, state, x, target, loss_fn
+        graph, model, state, x, target, loss_fn, cut=cut
     )
     signal = signals[window]
     if override is not None:
@@ -203,6 +204,17 @@ def d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory, windo
         new_memory[r] = j_total @ old + instant
     new_state = model(x, state)[1]
     return new_memory, grads, new_state
+
+
+def snap1_reference_step(graph, model, state, x, target, loss_fn, memory, window=1, override=None):
+    """One step of SnAp-1 (`window` 0 or 1) from full Jacobians: D-RTRL's reference with the memory
+    carried through the full step Jacobian, *not* cut at ETP inputs (so the mixing of every ETP
+    operation that reads `h_{t-1}` counts), masked to same-group, same-position entries:
+    `M_t = J_masked M_{t-1} + instant`, the instantaneous term cut at ETP inputs as D-RTRL's. The
+    gradient is the exact same-step gradient plus `λ · M_{t-1}`, `λ = ∂L_t/∂h_{t-1}` (`window=1`:
+    exactly; `0`: through the uncut masked Jacobian with the step's other new values held fixed,
+    plus what the loss reads of `h_{t-1}` directly)."""
+    return d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory, window, override, cut=False)
 
 
 def memory_as_traces(graph, memory, model):

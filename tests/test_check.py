@@ -266,3 +266,15 @@ def test_precompiled_graph_and_bad_arguments():
     other = eqtrace.compile_etrace_graph(ind, xs[0], ind.init_state())
     with pytest.raises((ValueError, TypeError)):
         eqtrace.check_gradient(model, state, xs, targets, mse, graph=other, verbose=False)
+
+
+def test_labels_under_exact_and_trace_free_rules():
+    model, state, xs, targets = vanilla_rnn()
+    exact = eqtrace.check_gradient(model, state, xs, targets, mse, eqtrace.RTRL(), verbose=False)
+    assert {r.status for r in exact.rows} == {"traced"} and exact.min_cosine > 1 - 1e-9
+    truncated = eqtrace.check_gradient(
+        model, state, xs, targets, mse, eqtrace.TruncatedBPTT(2), verbose=False
+    )
+    rnn = truncated[("rnn", "W", "weight")]
+    assert (rnn.status, rnn.reason) == ("window only", "no_trace_kept") and rnn.cosine < 1 - 1e-6
+    assert truncated[("out", "weight")].reason == "non_temporal"

@@ -311,4 +311,6 @@ def test_graphs_are_recompiled_not_pickled():
     restored = eqx.tree_deserialise_leaves(buffer, _leaky(key_scale=0.0))
     again = eqtrace.compile_etrace_graph(restored, jnp.zeros(3), restored.init_state())
     x, state = jnp.ones(3), 0.1 * jnp.ones(4)
-    assert_tree_allclose(eqtrace.CompiledAlgorithm(restored, again, eqtrace.DRTRL())(x, state), model(x, state))
+    assert_tree_allclose(
+        eqtrace.CompiledAlgorithm(restored, again, eqtrace.DRTRL())(x, state), model(x, state)
+    )

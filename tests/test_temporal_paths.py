@@ -195,10 +195,7 @@ def test_position_diagonal_models_flag_nothing():
 
 @pytest.mark.parametrize("algorithm, window", [("d_rtrl", 3), ("es_d_rtrl", 1)])
 def test_a_sequence_continued_from_saved_traces_equals_one_pass(algorithm, window):
-    from .models import TwoLayerGRU
-
-    model = TwoLayerGRU(N_IN, 4, N_OUT, key=K1)
-    state = model.init_state()
+    model, state = MODELS["delay_line"]
     xs, targets = _data()
     options = {"algorithm": algorithm, "window": window}
     g_all, l_all = eqtrace.online_grad(model, state, xs, targets, mse, **options)

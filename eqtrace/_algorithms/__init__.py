@@ -6,11 +6,16 @@ from ._d_rtrl import (
     DRTRLTraces as DRTRLTraces,
 )
 from ._drivers import batch_grad as batch_grad, graph_for as graph_for, online_grad as online_grad
+from ._eprop import EProp as EProp, EPropTraces as EPropTraces
 from ._es_d_rtrl import (
     es_d_rtrl_init as es_d_rtrl_init,
     es_d_rtrl_step as es_d_rtrl_step,
     ESDRTRL as ESDRTRL,
     ESDRTRLTraces as ESDRTRLTraces,
 )
+from ._rtrl import RTRL as RTRL
 from ._rule import AbstractOnlineAlgorithm as AbstractOnlineAlgorithm
+from ._snap import SnAp1 as SnAp1
+from ._truncated_bptt import TruncatedBPTT as TruncatedBPTT
+from ._uoro import UORO as UORO, UOROTraces as UOROTraces
 from ._window import WindowBuffer as WindowBuffer

@@ -119,9 +119,25 @@ def d_rtrl_step(
     `eqx.filter(params, eqx.is_inexact_array)`.
     """
     check_traces(traces, DRTRLTraces, d_rtrl_init, graph, params)
+    return trace_step(graph, params, traces, x, target, loss_fn, full_jacobian=False)
+
+
+def trace_step(
+    graph: ETraceGraph, params, traces: DRTRLTraces, x, target, loss_fn: Callable, *, full_jacobian: bool
+):
+    """One step of the weight-shaped traces of D-RTRL (`full_jacobian=False`: the per-position
+    blocks with ETP outputs held fixed) or of SnAp-1 (`True`: those of the full step Jacobian)."""
     pairs = traced_pairs(graph)
     lin = linearise_step(
-        graph, params, x, traces.state, target, loss_fn, buffer=traces.buffer, diagonal=traces.window == 0
+        graph,
+        params,
+        x,
+        traces.state,
+        target,
+        loss_fn,
+        buffer=traces.buffer,
+        diagonal=traces.window == 0,
+        full_jacobian=full_jacobian,
     )
     grads = list(lin.grads)
     new_eps = []

@@ -4,7 +4,8 @@ Step `t` is linearised over its *window*: the last `K` steps, run exactly from t
 state `h_{t-K}` (`K = 1`: from `h_{t-1}`). One VJP of the loss gives the exact gradient through the
 window and the learning signal `λ = ∂L_t/∂h_{t-K}` that the traces carry further back. The window's
 first step (the one the traces advance over) is also linearised with ETP outputs held fixed: the
-per-position Jacobian blocks `D = ∂h/∂h_prev` and `D_f = ∂h/∂y`.
+per-position Jacobian blocks `D = ∂h/∂h_prev` and `D_f = ∂h/∂y`. On request (`full_jacobian`), `D`
+is instead the per-position diagonal of the full step Jacobian, the ETP operations' mixing included.
 """
 
 from collections.abc import Callable
@@ -31,8 +32,11 @@ class StepLinearisation(eqx.Module):
     - `advanced`: whether the window's first step is a real one (the traces advance over it).
     - `buffer`: the window buffer for the next step (`None` for `K = 1`).
     - `operands`: per ETP equation index, its operands in the window's first step.
-    - `d_total`: per group, the blocks `∂h/∂h_prev` of the first step (`varshape + (S, S)`, `[..., s, c]`).
+    - `d_total`: per group, the blocks `∂h/∂h_prev` of the first step (`varshape + (S, S)`, `[..., s, c]`),
+      with ETP outputs held fixed, or of the full step Jacobian (`full_jacobian`).
     - `d_f`: per relation equation index and group index, `∂h/∂y` of the first step (`varshape + (S,)`).
+    - `delta`: with `diagonal`, per group, the same-step learning signal `δ = ∂L_t/∂h_t` at the new
+      hidden values (`h_{t-1}` held fixed; `varshape + (S,)`); else `None`.
     """
 
     y: object
@@ -45,6 +49,7 @@ class StepLinearisation(eqx.Module):
     operands: dict
     d_total: tuple
     d_f: dict
+    delta: tuple | None = None
 
 
 def _group_columns(paths, graph: ETraceGraph) -> list[list[int]]:
@@ -53,11 +58,14 @@ def _group_columns(paths, graph: ETraceGraph) -> list[list[int]]:
     return [[index[p] for p in g.hidden_paths] for g in graph.hidden_groups]
 
 
-def _blocks(jvp: Callable, hidden: list, group: HiddenGroup, cols: list[int]) -> jax.Array:
+def _blocks(
+    jvp: Callable, hidden: list, group: HiddenGroup, cols: list[int], *, position_wise: bool | None = None
+) -> jax.Array:
     """Per-position `S×S` blocks of a Jacobian whose JVP is `jvp`, for the states `cols` of `group`.
 
-    A position-wise group needs one JVP per state (a tangent of ones); otherwise the diagonal blocks
-    are read off a JVP per (position, state) pair.
+    A position-wise Jacobian needs one JVP per state (a tangent of ones); otherwise the diagonal
+    blocks are read off a JVP per (position, state) pair. `position_wise` defaults to the group's
+    own, which holds with ETP outputs held fixed.
     """
     zeros = [jnp.zeros_like(h) for h in hidden]
 
@@ -68,7 +76,7 @@ def _blocks(jvp: Callable, hidden: list, group: HiddenGroup, cols: list[int]) ->
         return jnp.stack([out[k] for k in cols], axis=-1)  # varshape + (S,)
 
     shape, dtype, n = group.varshape, group.dtype, group.num_positions
-    if group.position_wise:
+    if group.position_wise if position_wise is None else position_wise:
         cols_out = [column(c, jnp.ones(shape, dtype)) for c in range(len(cols))]
     else:
         basis = jnp.eye(n, dtype=dtype).reshape((n,) + shape)
@@ -97,6 +105,7 @@ def linearise_step(
     *,
     buffer=None,
     diagonal: bool = False,
+    full_jacobian: bool = False,
     batched: bool = False,
 ) -> StepLinearisation:
     """Linearise step `t` of the compiled model (see [`StepLinearisation`][]).
@@ -105,6 +114,10 @@ def linearise_step(
       (`None`: `K = 1`).
     - `diagonal`: carry the learning signal back through the per-position blocks with ETP outputs
       held fixed (plus every path by which the loss reads `h_{t-1}` directly), not exactly.
+    - `full_jacobian`: `d_total` (and, with `diagonal`, the blocks the signal goes through) are the
+      per-position diagonal blocks of the full step Jacobian, the mixing of ETP operations that read
+      `h_{t-1}` included, not those with ETP outputs held fixed. This costs one JVP per (position,
+      state) pair of every group.
     - `batched`: `x`, `state`, `target` (and the buffer) carry a leading batch axis; the loss is the
       batch mean and weight gradients contract the batch inside one matmul; every other field
       gains the leading batch axis.
@@ -206,15 +219,18 @@ def linearise_step(
     outputs = {i: o for i, (_, o) in record.items()}
 
     def jacobians(xs, hidden, outputs):
-        return _jacobians(graph, weights, xs, hidden, outputs, diagonal)
+        return _jacobians(graph, weights, xs, hidden, outputs, diagonal, full_jacobian)
 
     d_total, d_local, d_f = (jax.vmap(jacobians) if batched else jacobians)(xs0, hidden0, outputs)
     cols = _group_columns(traced_paths, graph)
     signal = tuple(jnp.stack([g_h[k] for k in c], axis=-1) for c in cols)
+    delta = None
     if diagonal:
-        delta = (jnp.stack([g_p[k] for k in c], axis=-1) for c in cols)
+        delta = tuple(jnp.stack([g_p[k] for k in c], axis=-1) for c in cols)
         signal = tuple(s + jnp.einsum("...s,...sc->...c", dl, d) for s, dl, d in zip(signal, delta, d_local))
-    return StepLinearisation(y, new_state, loss, grads, signal, advanced, new_buffer, operands, d_total, d_f)
+    return StepLinearisation(
+        y, new_state, loss, grads, signal, advanced, new_buffer, operands, d_total, d_f, delta
+    )
 
 
 def _loss(loss_fn: Callable, graph: ETraceGraph, outs: list, target) -> jax.Array:
@@ -228,10 +244,19 @@ def _traced_leaves(traced: list[int], state) -> list:
     return [leaves[i] for i in traced]
 
 
-def _jacobians(graph: ETraceGraph, weights: list, xs: list, hidden: list, outputs: dict, diagonal: bool):
+def _jacobians(
+    graph: ETraceGraph,
+    weights: list,
+    xs: list,
+    hidden: list,
+    outputs: dict,
+    diagonal: bool,
+    full_jacobian: bool = False,
+):
     """For one example: the blocks `∂h_t/∂h_{t-1}` (total, and with the step's other new values
     held fixed when `diagonal`) and `∂h_t/∂y` of every relation's operation, all with ETP outputs
-    held fixed."""
+    held fixed; with `full_jacobian`, the blocks `∂h_t/∂h_{t-1}` are those of the full step, the
+    ETP operations computed from `h_{t-1}` (one JVP per position and state)."""
     info = graph.module_info
     closed = info.closed_jaxpr
     perturb = graph.hidden_perturb
@@ -259,12 +284,17 @@ def _jacobians(graph: ETraceGraph, weights: list, xs: list, hidden: list, output
         return [raw[v] for v in pvars] if detach else [new[i] for i in traced]
 
     h0 = [hidden[i] for i in traced]
-    _, jvp_h = jax.linearize(lambda h: transition(h, outputs, False), h0)
-    d_total = tuple(_blocks(jvp_h, h0, g, c) for g, c in zip(graph.hidden_groups, cols))
+    fixed = None if full_jacobian else outputs
+
+    def blocks(jvp):
+        pw = False if full_jacobian else None
+        return tuple(_blocks(jvp, h0, g, c, position_wise=pw) for g, c in zip(graph.hidden_groups, cols))
+
+    d_total = blocks(jax.linearize(lambda h: transition(h, fixed, False), h0)[1])
     d_local = d_total
-    if diagonal and perturb.chained:
-        _, jvp_l = jax.linearize(lambda h: transition(h, outputs, True), h0)
-        d_local = tuple(_blocks(jvp_l, h0, g, c) for g, c in zip(graph.hidden_groups, cols))
+    # With ETP outputs computed, a new value may also reach another through an ETP operation.
+    if diagonal and (perturb.chained or full_jacobian):
+        d_local = blocks(jax.linearize(lambda h: transition(h, fixed, True), h0)[1])
 
     d_f: dict = {}
     rel_eqns = sorted({r.eqn_index for r in graph.hidden_param_op_relations})

@@ -2,6 +2,7 @@
 
 import abc
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 
@@ -21,6 +22,9 @@ class AbstractOnlineAlgorithm(eqx.Module):
     """
 
     batch_native: eqx.AbstractClassVar[bool]
+    # Whether the traces credit every temporal path (RTRL's full influence matrix), so that no
+    # relation or exclusion of the graph limits what a weight gets.
+    exact: ClassVar[bool] = False
 
     @abc.abstractmethod
     def init(self, graph: ETraceGraph, params, state):

@@ -1,0 +1,220 @@
+"""e-prop against its oracles: BPTT on a feed-forward LIF layer (exact there), D-RTRL with `window=0`
+on a recurrent LIF/ALIF layer with a stateless readout (the same sum there), and a brute-force
+reference of e-prop itself (D-RTRL's traces from `eqtrace.d_rtrl_step`, the learning signal by
+`jax.grad` of the model's own readout), for random feedback and filtered traces; all per step."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import eqtrace
+import eqtrace.nn as enn
+
+from .helpers import assert_tree_allclose
+from .test_d_rtrl import _per_step_bptt, mse
+from .test_spiking import _inputs, _net
+
+
+def _recurrent(neuron_kind, *, leaky_out=False, key=5):
+    if neuron_kind == "lif":
+        neuron = enn.LIF(4, tau=5.0, v_th=0.5, learn_tau=True)
+    else:
+        neuron = enn.ALIF(4, tau=5.0, tau_a=10.0, beta=0.3, v_th=0.5, learn_tau=True)
+    return _net("rec", neuron=neuron, leaky_out=leaky_out, key=jax.random.key(key))
+
+
+def _count_spikes(model, state, xs):
+    n = 0
+    for x in xs:
+        _, state = model(x, state)
+        n += int(jnp.sum(model.layer.spike(state["layer"])))
+    return n
+
+
+@pytest.mark.parametrize("neuron", ["lif", "alif"])
+def test_eprop_equals_d_rtrl_window_0_recurrent_layer(neuron):
+    """With a stateless Linear readout of the current spikes, the loss reads the layer only through
+    its new state, so D-RTRL's `window=0` sum `grads_same_step + δ_t D_t ε_{t-1}` is e-prop's
+    `δ_t · ε_t`: equal at every step (the recurrent weights included, whose ETP path both drop)."""
+    model = _recurrent(neuron)
+    state = model.init_state()
+    graph = eqtrace.compile_etrace_graph(model, jnp.zeros(3), state)
+    T = 6
+    xs, targets = _inputs(3, 2, T, jax.random.key(6))
+    assert _count_spikes(model, state, xs) > 0
+    eprop, drtrl = eqtrace.EProp(), eqtrace.DRTRL(window=0)
+    e_step, d_step = eqx.filter_jit(eprop.step), eqx.filter_jit(drtrl.step)
+    e_tr, d_tr = eprop.init(graph, model, state), drtrl.init(graph, model, state)
+    gap = 0.0
+    for t in range(T):
+        e_tr, y, loss, grads = e_step(graph, model, e_tr, xs[t], targets[t], mse)
+        d_tr, y_d, loss_d, grads_d = d_step(graph, model, d_tr, xs[t], targets[t], mse)
+        assert_tree_allclose((y, loss, grads), (y_d, loss_d, grads_d))
+        assert_tree_allclose(list(e_tr.eps), list(d_tr.eps))
+        bptt = _per_step_bptt(model, state, xs, targets, t)
+        gap = max(gap, float(jnp.max(jnp.abs(grads.layer.W.weight - bptt.layer.W.weight))))
+    # Not BPTT: the recurrent connections are not back-propagated through.
+    assert gap > 1e-6
+    assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("reset", ["soft", "hard"])
+def test_eprop_equals_bptt_per_step_feed_forward_lif(reset):
+    neuron = enn.LIF(4, tau=5.0, v_th=0.5, reset=reset, learn_tau=True, surrogate=enn.ArctanSurrogate())
+    model = _net("ff", neuron=neuron, key=jax.random.key(2))
+    state = model.init_state()
+    graph = eqtrace.compile_etrace_graph(model, jnp.zeros(3), state)
+    T = 6
+    xs, targets = _inputs(3, 2, T, jax.random.key(3))
+    assert _count_spikes(model, state, xs) > 0
+    rule = eqtrace.EProp()
+    step = eqx.filter_jit(rule.step)
+    traces = rule.init(graph, model, state)
+    live = None
+    for t in range(T):
+        traces, _, _, grads = step(graph, model, traces, xs[t], targets[t], mse)
+        assert_tree_allclose(grads, _per_step_bptt(model, state, xs, targets, t))
+        nonzero = [bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads)]
+        live = nonzero if live is None else [a or b for a, b in zip(live, nonzero, strict=True)]
+    assert all(live)  # every leaf got a non-zero gradient at some step
+
+
+def _group_stack(tree, group):
+    """The leaves of a gradient w.r.t. the model state at `group`'s hidden paths, stacked on a last
+    state axis (the layout of the traces' state axis)."""
+    leaves = []
+    for path in group.hidden_paths:
+        node = tree
+        for name in path:
+            node = node[name] if isinstance(node, dict) else getattr(node, name)
+        leaves.append(node)
+    return jnp.stack(leaves, axis=-1)
+
+
+def _reference_grads(graph, model, feedback_matrix, kappa, state, xs, targets):
+    """e-prop per step, naively: D-RTRL's current traces `ε_t` from `eqtrace.d_rtrl_step`, filtered
+    in a Python loop (`ē_t = κ ē_{t-1} + ε_t`), times `δ_t = ∂L_t/∂h_t` from `jax.grad` of the model's
+    own readout (with `B` in place of its weight for random feedback); the readout's exact gradient."""
+    traces = eqtrace.d_rtrl_init(graph, model, state)
+    pairs = [
+        (rel, g)
+        for rel in graph.hidden_param_op_relations
+        if rel.position_diagonal
+        for g in rel.hidden_groups
+    ]
+    (group,) = graph.hidden_groups
+    filtered = None
+    out = []
+    for x, target in zip(xs, targets, strict=True):
+        traces, y, _, _ = eqtrace.d_rtrl_step(graph, model, traces, x, target, mse)
+        new = traces.state
+        eps = list(traces.eps)
+        filtered = (
+            eps if (filtered is None or kappa is None) else [kappa * f + e for f, e in zip(filtered, eps)]
+        )
+        if feedback_matrix is None:
+            delta_tree = jax.grad(lambda s: mse(model.out(model.layer.spike(s["layer"])), target))(new)
+        else:
+            g_y = jax.grad(mse)(y, target)
+            readout = eqx.tree_at(lambda o: o.weight, model.out, feedback_matrix)
+            delta_tree = jax.grad(lambda s: jnp.vdot(g_y, readout(model.layer.spike(s["layer"]))))(new)
+        delta = _group_stack(delta_tree, group)
+        grads = {}
+        for (rel, g), e in zip(pairs, filtered):
+            assert g is group
+            sig = jnp.expand_dims(delta, rel.input_axes)
+            grads[rel.weight_path] = jnp.sum(sig * e, axis=-1)
+        spikes = model.layer.spike(new["layer"])
+        readout_grad = jax.grad(lambda o: mse(o(spikes), target))(model.out)
+        grads[("out", "weight")] = readout_grad.weight
+        grads[("out", "bias")] = readout_grad.bias
+        out.append(grads)
+    return out
+
+
+@pytest.mark.parametrize("kappa", [None, 0.8], ids=["unfiltered", "filtered"])
+@pytest.mark.parametrize("feedback", ["symmetric", "random"])
+def test_eprop_equals_brute_force_reference_recurrent_alif(feedback, kappa):
+    model = _recurrent("alif")
+    state = model.init_state()
+    graph = eqtrace.compile_etrace_graph(model, jnp.zeros(3), state)
+    T = 6
+    xs, targets = _inputs(3, 2, T, jax.random.key(6))
+    rule = eqtrace.EProp(feedback=feedback, kappa=kappa, seed=3)
+    traces = rule.init(graph, model, state)
+    if feedback == "random":
+        assert traces.feedback.shape == model.out.weight.shape
+        assert float(jnp.max(jnp.abs(traces.feedback - model.out.weight))) > 1e-2
+    reference = _reference_grads(graph, model, traces.feedback, kappa, state, xs, targets)
+    step = eqx.filter_jit(rule.step)
+    paths = graph.module_info.weight_paths
+    for t in range(T):
+        traces, _, _, grads = step(graph, model, traces, xs[t], targets[t], mse)
+        flat = dict(zip(paths, jax.tree.leaves(grads), strict=True))
+        assert set(flat) == set(reference[t]), "every leaf has a reference"
+        assert_tree_allclose(flat, reference[t])
+    assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+
+
+def test_random_feedback_changes_the_recurrent_gradients_not_the_readouts():
+    model = _recurrent("lif")
+    state = model.init_state()
+    xs, targets = _inputs(3, 2, 8, jax.random.key(6))
+    sym, _ = eqtrace.online_grad(model, state, xs, targets, mse, algorithm=eqtrace.EProp())
+    rnd, _ = eqtrace.online_grad(model, state, xs, targets, mse, algorithm=eqtrace.EProp(feedback="random"))
+    assert_tree_allclose(rnd.out, sym.out)
+    # `W` reads the input and the previous spikes (`[x_t, z_{t-1}] W`); `tau` is the neurons' leak.
+    for a, b in [(rnd.layer.W.weight, sym.layer.W.weight), (rnd.layer.neuron.tau, sym.layer.neuron.tau)]:
+        assert float(jnp.max(jnp.abs(a - b))) > 1e-6
+    other, _ = eqtrace.online_grad(
+        model, state, xs, targets, mse, algorithm=eqtrace.EProp(feedback="random", seed=1)
+    )
+    assert float(jnp.max(jnp.abs(other.layer.W.weight - rnd.layer.W.weight))) > 1e-6
+
+
+def test_drivers_sum_the_steps_under_filter_jit():
+    model = _recurrent("alif")
+    state = model.init_state()
+    graph = eqtrace.compile_etrace_graph(model, jnp.zeros(3), state)
+    B, T = 3, 5
+    keys = jax.random.split(jax.random.key(9), B)
+    xs, targets = jax.vmap(lambda k: _inputs(3, 2, T, k))(keys)
+    rule = eqtrace.EProp(feedback="random", kappa=0.7)
+
+    per_example = []
+    for b in range(B):
+        traces, acc = rule.init(graph, model, state), None
+        for t in range(T):
+            traces, _, _, g = rule.step(graph, model, traces, xs[b, t], targets[b, t], mse)
+            acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
+        per_example.append(acc)
+
+    online = eqx.filter_jit(lambda m, s, x, y: eqtrace.online_grad(m, s, x, y, mse, algorithm=rule))
+    grads, losses = online(model, state, xs[0], targets[0])
+    assert losses.shape == (T,)
+    assert_tree_allclose(grads, per_example[0])
+
+    states = jax.tree.map(lambda a: jnp.broadcast_to(a, (B,) + a.shape), state)
+    batch = eqx.filter_jit(
+        lambda m, s, x, y: eqtrace.batch_grad(eqtrace.online_grad, m, s, x, y, mse, algorithm=rule)
+    )
+    grads, _ = batch(model, states, xs, targets)
+    assert_tree_allclose(grads, jax.tree.map(lambda *g: sum(g) / B, *per_example))
+
+
+def test_bad_options_and_models_are_refused():
+    with pytest.raises(ValueError, match="feedback"):
+        eqtrace.EProp(feedback="transpose")
+    with pytest.raises(ValueError, match="kappa"):
+        eqtrace.EProp(kappa=1.5)
+    # A leaky readout is a hidden state: no stateless readout weight for `B` to replace.
+    model = _recurrent("lif", leaky_out=True)
+    state = model.init_state()
+    graph = eqtrace.compile_etrace_graph(model, jnp.zeros(3), state)
+    with pytest.raises(ValueError, match="readout"):
+        eqtrace.EProp(feedback="random").init(graph, model, state)
+    # Traces of one rule are refused by another's step.
+    traces = eqtrace.EProp(kappa=0.5).init(graph, model, state)
+    with pytest.raises(ValueError, match="options"):
+        eqtrace.EProp().step(graph, model, traces, jnp.zeros(3), jnp.zeros(2), mse)
