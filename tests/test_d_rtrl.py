@@ -164,9 +164,9 @@ class ConvLeaky(eqx.Module):
 
 
 class SpikingNet(eqx.Module):
-    """A recurrent spiking layer read out by a leaky readout with its own state."""
+    """A spiking layer read out by a leaky readout with its own state."""
 
-    layer: enn.RecurrentSpikingLayer
+    layer: enn.AbstractSpikingLayer
     readout: enn.LeakyRateReadout
 
     def __call__(self, x, state):

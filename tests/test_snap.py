@@ -14,7 +14,7 @@ import eqtrace.nn as enn
 from .brute_force import memory_as_traces, snap1_reference_step, window_reference
 from .helpers import assert_tree_allclose, tree_allclose
 from .models import StackedCells
-from .test_d_rtrl import _random_steps, MODELS, mse
+from .test_d_rtrl import _random_steps, MODELS, mse, SpikingNet
 
 
 # Models whose recurrence goes through ETP operations (where SnAp-1 and D-RTRL differ): a vanilla
@@ -79,26 +79,11 @@ def test_snap1_window_equals_brute_force_reference_per_step(name):
 # D-RTRL.
 
 
-class FeedForwardLIF(eqx.Module):
-    """LIF neurons with learnable time constants, fed forward, read by a leaky readout."""
-
-    layer: enn.FeedForwardSpikingLayer
-    readout: enn.LeakyRateReadout
-
-    def __call__(self, x, state):
-        s = self.layer(3.0 * x, state[0])
-        r = self.readout(self.layer.spike(s), state[1])
-        return r.r, (s, r)
-
-    def init_state(self):
-        return self.layer.init_state(), self.readout.init_state()
-
-
 def _position_diagonal_models():
     k = jax.random.split(jax.random.key(9), 3)
     return {
         "IndRNNCell": MODELS["IndRNNCell"],
-        "feed_forward_lif": FeedForwardLIF(
+        "feed_forward_lif": SpikingNet(
             enn.FeedForwardSpikingLayer(3, 5, neuron=enn.LIF(5, learn_tau=True), key=k[0]),
             enn.LeakyRateReadout(5, 2, key=k[1]),
         ),
