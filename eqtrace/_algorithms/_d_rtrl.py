@@ -16,7 +16,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._compiler import ETraceGraph
+from .._compiler import ETraceGraph, HiddenParamOpRelation
 from .._compiler._run import flatten_weights
 from .._ops import etp_op_of
 from ._inputs import check_traces
@@ -91,6 +91,21 @@ def instant_trace(primitive, params: Mapping, operands: list, j: int, d_f: jax.A
     return jax.vmap(lambda ct: vjp(ct)[0], in_axes=-1, out_axes=-1)(d_f)
 
 
+def contract(rel: HiddenParamOpRelation, signal: jax.Array, trace: jax.Array) -> jax.Array:
+    """`Σ_{n,c} signal[n, c] trace[..., n, c]`: a per-position signal (`varshape + (S,)`) against a
+    weight-shaped trace, broadcast along the weight's input axes."""
+    signal = jnp.expand_dims(signal, rel.input_axes)
+    return jnp.sum(jnp.broadcast_to(signal, trace.shape) * trace, axis=-1)
+
+
+def trace_update(rel: HiddenParamOpRelation, g: int, lin, eps: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The new trace of `rel` and group `g` in two parts: the past carried through the blocks,
+    `D ε`, and this step's `∂h_t/∂W`."""
+    operands, d_f = lin.operands[rel.eqn_index], lin.d_f[rel.eqn_index][g]
+    instant = instant_trace(rel.primitive, rel.params, operands, rel.operand_index, d_f)
+    return apply_blocks(jnp.expand_dims(lin.d_total[g], rel.input_axes), eps), instant
+
+
 def d_rtrl_step(
     graph: ETraceGraph,
     params,
@@ -144,11 +159,9 @@ def trace_step(
     for (r, g), eps in zip(pairs, traces.eps):
         rel = graph.hidden_param_op_relations[r]
         w = rel.weight_index
-        signal = jnp.expand_dims(lin.signal[g], rel.input_axes)
-        grads[w] = grads[w] + jnp.sum(jnp.broadcast_to(signal, eps.shape) * eps, axis=-1)
-        operands, d_f = lin.operands[rel.eqn_index], lin.d_f[rel.eqn_index][g]
-        instant = instant_trace(rel.primitive, rel.params, operands, rel.operand_index, d_f)
-        new_eps.append(apply_blocks(jnp.expand_dims(lin.d_total[g], rel.input_axes), eps) + instant)
+        grads[w] = grads[w] + contract(rel, lin.signal[g], eps)
+        history, instant = trace_update(rel, g, lin, eps)
+        new_eps.append(history + instant)
     new = DRTRLTraces(
         state=lin.new_state,
         eps=advance(lin, tuple(new_eps), traces.eps),

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._compiler import compile_etrace_graph, ETraceGraph
+from .._compiler._compile import canonical_dtype
 from .._compiler._run import check_graph_matches
 from ._bptt import bptt_grad, bptt_grad_of_batch
 from ._d_rtrl import DRTRL
@@ -38,8 +39,7 @@ def graph_for(model, x, state) -> ETraceGraph:
     dynamic, static = eqx.partition((model, x, state), eqx.is_array)
     leaves, treedef = jtu.tree_flatten(dynamic)
     static_leaves, static_def = jtu.tree_flatten(static)
-    dtypes = [jax.dtypes.canonicalize_dtype(a.dtype, allow_extended_dtype=True) for a in leaves]
-    shapes = tuple((tuple(a.shape), dtype) for a, dtype in zip(leaves, dtypes))
+    shapes = tuple((tuple(a.shape), canonical_dtype(a.dtype)) for a in leaves)
     key = (treedef, static_def, tuple(static_leaves), shapes)
     try:
         _GRAPHS.move_to_end(key)

@@ -19,9 +19,9 @@ import jax.tree_util as jtu
 
 from .._compiler import ETraceGraph, HiddenParamOpRelation
 from .._compiler._run import flatten_weights
-from ._d_rtrl import instant_trace, traced_pairs
+from ._d_rtrl import contract, trace_update, traced_pairs
 from ._inputs import check_traces
-from ._one_step import apply_blocks, linearise_step, unflatten_grads
+from ._one_step import linearise_step, unflatten_grads
 from ._rule import AbstractOnlineAlgorithm
 
 
@@ -228,9 +228,7 @@ class EProp(AbstractOnlineAlgorithm):
         new_eps, new_filtered = [], []
         for k, ((r, g), eps) in enumerate(zip(traced_pairs(graph), traces.eps)):
             rel = graph.hidden_param_op_relations[r]
-            operands, d_f = lin.operands[rel.eqn_index], lin.d_f[rel.eqn_index][g]
-            instant = instant_trace(rel.primitive, rel.params, operands, rel.operand_index, d_f)
-            history = apply_blocks(jnp.expand_dims(lin.d_total[g], rel.input_axes), eps)
+            history, instant = trace_update(rel, g, lin, eps)
             new_eps.append(history + instant)
             if traces.filtered is not None:
                 # `κ ē_{t-1} + ε_t`, of which `instant` is already in the same-step gradient.
@@ -238,11 +236,9 @@ class EProp(AbstractOnlineAlgorithm):
                 new_filtered.append(history + instant)
             # The same-step gradient holds `δ_t · ∂h_t/∂W` (symmetric); e-prop adds `δ_t · (ē_t - ∂h_t/∂W)`
             # and, with random feedback, swaps the signal of the instantaneous term.
-            sig = jnp.expand_dims(signal[g], rel.input_axes)
-            extra = jnp.sum(jnp.broadcast_to(sig, history.shape) * history, axis=-1)
+            extra = contract(rel, signal[g], history)
             if traces.feedback is not None:
-                diff = jnp.expand_dims(signal[g] - symmetric[g], rel.input_axes)
-                extra = extra + jnp.sum(jnp.broadcast_to(diff, instant.shape) * instant, axis=-1)
+                extra = extra + contract(rel, signal[g] - symmetric[g], instant)
             w = rel.weight_index
             grads[w] = grads[w] + extra
         new = EPropTraces(

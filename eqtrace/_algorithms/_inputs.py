@@ -12,6 +12,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from .._compiler import key_to_path
+from .._compiler._compile import canonical_dtype
 
 
 def check_scalar_loss(loss) -> None:
@@ -69,7 +70,7 @@ def zeros_shaped(shape: tuple[int, ...], like) -> np.ndarray | jax.Array:
     tracer). PRNG-key arrays give keys."""
     if jnp.issubdtype(like.dtype, jax.dtypes.prng_key):
         return jnp.broadcast_to(jax.random.key(0, impl=jax.random.key_impl(like)), shape)
-    return np.zeros(shape, jax.dtypes.canonicalize_dtype(like.dtype))
+    return np.zeros(shape, canonical_dtype(like.dtype))
 
 
 def step_example(tree, lead: int):
