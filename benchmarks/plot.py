@@ -9,7 +9,8 @@ Reads (each optional; a missing file skips its figure):
 - `results-es-2cpu.json` (`bench_es_d_rtrl.py`) → `time-ratios.png`, time relative to BPTT per
   method and configuration (with braintrace's pp_prop from `results-es-braintrace-2cpu.json`),
 - `results-memory-2cpu.json` (`memory_sweep.py`) → `memory-vs-T.png`, XLA temp memory vs T,
-- `results-adding-2cpu.json` (`adding_curves.py`) → `adding-problem-loss.png`.
+- `results-adding-2cpu.json` (`adding_curves.py`) → `adding-problem-loss.png`,
+- `results-tasks-2cpu.json` (`task_suite.py`) → `task-suite.png`, each rule's test metric per task.
 """
 
 import argparse
@@ -122,6 +123,51 @@ def plot_adding(data, out, plt):
     plt.close(fig)
 
 
+def plot_tasks(data, out, plt):
+    """One panel per task: each rule's final test metric, mean ± std over seeds, chance dashed; a
+    rule that failed or was skipped is marked on its row."""
+    tasks = data["tasks"]
+    rules = list(dict.fromkeys(r["rule"] for r in data["rows"]))
+    cols = 3
+    fig, axes = plt.subplots(
+        -(-len(tasks) // cols), cols, figsize=(4.6 * cols, 0.3 * len(rules) * 2 + 3), squeeze=False
+    )
+    for ax, task in zip(axes.flat, tasks):
+        rows = {r["rule"]: r for r in data["rows"] if r["task"] == task["name"]}
+        acc = task["metric"] == "accuracy"
+        for y, rule in enumerate(rules):
+            r = rows.get(rule)
+            if r is None or r["status"] != "ok":
+                text = "skipped" if r is not None and r["status"] == "skipped" else "error"
+                ax.text(0.02, y, text, transform=ax.get_yaxis_transform(), va="center", color="gray")
+                continue
+            every, some = r["learnt"] == len(r["runs"]), r["learnt"] > 0
+            colour = "tab:green" if every else "tab:orange" if some else "tab:red"
+            ax.barh(y, r["metric_mean"], xerr=r["metric_std"], color=colour, capsize=2)
+            values = [run[task["metric"]] for run in r["runs"]]
+            ax.plot(values, [y] * len(values), "k.", ms=3)
+        ax.axvline(task["chance"], color="black", lw=1, ls=":")
+        ax.set_yticks(range(len(rules)), rules, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("test accuracy" if acc else "test MSE (log)")
+        if acc:
+            ax.set_xlim(0, 1)
+        else:
+            ax.set_xscale("log")
+        ax.set_title(task["name"], fontsize=10)
+        ax.grid(True, axis="x", alpha=0.3)
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    fig.suptitle(
+        "Task suite: final test metric, mean ± std over seeds (dots: seeds; dotted: chance or baseline;\n"
+        "green: every seed learnt, orange: some, red: none)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out-dir", default=str(HERE.parent / "docs" / "images"))
@@ -139,6 +185,8 @@ def main():
         plot_ratios(d, load("results-es-braintrace-2cpu.json"), out / "time-ratios.png", plt)
     if (d := load("results-adding-2cpu.json")) is not None:
         plot_adding(d, out / "adding-problem-loss.png", plt)
+    if (d := load("results-tasks-2cpu.json")) is not None:
+        plot_tasks(d, out / "task-suite.png", plt)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import dataclasses
 from collections.abc import Callable
+from typing import cast
 
 import equinox as eqx
 import jax.tree_util as jtu
@@ -10,9 +11,10 @@ from jaxtyping import PyTree
 
 from ._algorithms import AbstractOnlineAlgorithm, bptt_grad, online_grad
 from ._algorithms._drivers import as_algorithm, graph_for
-from ._algorithms._inputs import check_sequences, step_example
+from ._algorithms._inputs import check_frozen, check_sequences, step_example
 from ._compiler import ETraceGraph
 from ._compiler._compile import key_to_path
+from ._compiler._freeze import trainable_spec
 from ._compiler._graph import Path
 from ._compiler._run import check_graph_matches
 from ._compiler._show import _p
@@ -159,6 +161,7 @@ def check_gradient(
     *,
     graph: ETraceGraph | None = None,
     verbose: bool = True,
+    filter_spec: PyTree = None,
     **options,
 ) -> GradientCheck:
     r"""Compare an online rule's gradient with BPTT's on one (short) sequence, leaf by leaf.
@@ -192,6 +195,8 @@ def check_gradient(
       [`eqtrace.DRTRL`][]`(window=2)`, or a shorthand string with `options`.
     - `graph`: a precompiled [`eqtrace.ETraceGraph`][] (optional).
     - `verbose`: print the table.
+    - `filter_spec`: which leaves are trained, as for [`eqtrace.online_grad`][]: frozen leaves get
+      no row.
     - `options`: with a shorthand string, the rule's options, as for [`eqtrace.online_grad`][].
 
     **Returns:**
@@ -210,11 +215,13 @@ def check_gradient(
     rule = as_algorithm(algorithm, options)
     num_steps = check_sequences(xs, targets)[0]
     if graph is None:
-        graph = graph_for(model, step_example(xs, 1), state)
+        graph = graph_for(model, step_example(xs, 1), state, filter_spec)
     else:
         check_graph_matches(graph, model, step_example(xs, 1), state)
+        check_frozen(graph, model, filter_spec)
     online, _ = online_grad(model, state, xs, targets, loss_fn, rule, graph=graph)
-    reference, _ = bptt_grad(model, state, xs, targets, loss_fn)
+    trainable = trainable_spec(model, graph.frozen_weights)
+    reference, _ = bptt_grad(model, state, xs, targets, loss_fn, filter_spec=trainable)
 
     rows = []
     flat, flat_ref = [], []
@@ -235,7 +242,7 @@ def check_gradient(
 
 def _format(check: GradientCheck) -> str:
     lines = [f"check_gradient: {check.algorithm} against BPTT, {check.num_steps} steps", ""]
-    paths = [_p(r.path) for r in check.rows] + ["whole model"]
+    paths = [_p(cast(Path, r.path)) for r in check.rows] + ["whole model"]  # leaf rows have paths
     statuses = [r.status for r in check.rows]
     wp = max(len("weight"), *map(len, paths))
     ws = max(len("status"), *map(len, statuses)) if statuses else len("status")

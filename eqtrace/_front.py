@@ -67,10 +67,12 @@ class _Algorithm(eqx.Module):
     def _rule(self) -> AbstractOnlineAlgorithm:
         """The rule object with this front's options."""
 
-    def compile_graph(self, x, state=None) -> CompiledAlgorithm:
+    def compile_graph(self, x, state=None, *, filter_spec=eqx.is_inexact_array) -> CompiledAlgorithm:
         """Compile the model's graph for inputs shaped like `x` (and `state`, default
-        `model.init_state()`), and return the compiled algorithm."""
-        return CompiledAlgorithm(self.model, compile_etrace_graph(self.model, x, state), self._rule())
+        `model.init_state()`), with the leaves that `filter_spec` leaves out frozen (see
+        [`eqtrace.compile_etrace_graph`][]), and return the compiled algorithm."""
+        graph = compile_etrace_graph(self.model, x, state, filter_spec=filter_spec)
+        return CompiledAlgorithm(self.model, graph, self._rule())
 
 
 class D_RTRL(_Algorithm):

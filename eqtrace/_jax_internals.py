@@ -7,6 +7,7 @@ the primitive-registration API and the jaxpr data structures that the compiler r
 from collections.abc import Callable
 
 import jax
+import jax.core
 import jax.extend.core as jex_core
 from jax.extend.core import primitives as jex_primitives
 from jax.interpreters import ad, batching, mlir
@@ -29,7 +30,8 @@ CUSTOM_JVP_CALL = jex_primitives.custom_jvp_call_p
 CUSTOM_VJP_CALL = jex_primitives.custom_vjp_call_p
 CUSTOM_CALLS = (CUSTOM_JVP_CALL, CUSTOM_VJP_CALL)
 REMAT = jex_primitives.remat_p
-CONTROL_FLOW = (jex_primitives.scan_p, jex_primitives.while_p, jex_primitives.cond_p)
+WHILE, SCAN, COND = jex_primitives.while_p, jex_primitives.scan_p, jex_primitives.cond_p
+CONTROL_FLOW = (SCAN, WHILE, COND)
 
 # Primitives that act position by position: output[i] depends on operand[i] only (operands of the
 # output's shape) or on a scalar. Used to decide whether data flows "element-wise".
@@ -42,7 +44,63 @@ select_n sign sin sinh sqrt square sub tan tanh xor and stop_gradient
 ELEMENTWISE = frozenset(
     p for p in (getattr(jex_primitives, n + "_p", None) for n in _ELEMENTWISE_NAMES) if p is not None
 )
+
+
+def _equinox_primitives(names: list[tuple[str, str]]) -> frozenset:
+    """Equinox's own primitives (identities and selects in its loops and checks, as found in an ODE
+    solve by Diffrax), by module and name; those a release does not have are left out."""
+    import importlib
+
+    found = set()
+    for module, name in names:
+        try:
+            found.add(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return frozenset(found)
+
+
+# `xs.at[i].set(x)` where a predicate holds, in the loops of Equinox (and so of Diffrax).
+EQX_MAYBE_SET = next(iter(_equinox_primitives([("equinox.internal._loop.common", "maybe_set_p")])), None)
+ELEMENTWISE = ELEMENTWISE | _equinox_primitives(
+    [
+        ("equinox.internal._loop.common", "select_if_vmap_p"),
+        ("equinox.internal._nontraceable", "nonbatchable_p"),
+        ("equinox.internal._nontraceable", "nontraceable_p"),
+        ("equinox.internal._nontraceable", "nondifferentiable_backward_p"),
+    ]
+)
 BROADCAST_IN_DIM = jex_primitives.broadcast_in_dim_p
+# Primitives that move, select or sum whole blocks of an array: some keep its trailing axes intact
+# (see `eqtrace._compiler._flow`), e.g. the buffer of saved states inside an ODE solve.
+LAYOUT = {
+    n: getattr(jex_primitives, n + "_p")
+    for n in """broadcast_in_dim reshape squeeze transpose slice dynamic_slice dynamic_update_slice
+    concatenate reduce_sum reduce_max reduce_min reduce_prod dot_general gather scatter scatter_add
+    scatter_mul scatter_min scatter_max""".split()
+}
+try:  # `jnp.stack` of equal arrays binds its own primitives since JAX 0.9 (not in `jax.extend` yet)
+    from jax._src.lax.lax import stack_p as _stack_p, unstack_p as _unstack_p
+
+    LAYOUT |= {"stack": _stack_p, "unstack": _unstack_p}
+except ImportError:
+    pass
+
+# What the inference of ETP operations in untagged models reads: the trainable operations, the
+# layout-only operations a weight may pass through on its way to one, and the slicing of outputs.
+DOT_GENERAL = jex_primitives.dot_general_p
+CONV_GENERAL_DILATED = jex_primitives.conv_general_dilated_p
+TRANSPOSE = jex_primitives.transpose_p
+SAME_LAYOUT = frozenset((jex_primitives.convert_element_type_p, jex_primitives.copy_p))
+WEIGHT_LAYOUT = SAME_LAYOUT | {
+    TRANSPOSE,
+    jex_primitives.reshape_p,
+    jex_primitives.broadcast_in_dim_p,
+    jex_primitives.squeeze_p,
+    jex_primitives.slice_p,
+}
+SLICE = jex_primitives.slice_p
+SPLIT = getattr(jax.lax, "split_p", None)
 
 
 def closed_call_body(eqn: JaxprEqn) -> ClosedJaxpr | None:
@@ -65,6 +123,24 @@ def custom_call_body(eqn: JaxprEqn) -> ClosedJaxpr | None:
     if eqn.primitive is CUSTOM_VJP_CALL:
         return eqn.params.get("call_jaxpr", eqn.params.get("fun_jaxpr"))
     return None
+
+
+def while_parts(eqn: JaxprEqn) -> tuple[ClosedJaxpr, int, int]:
+    """A `while` equation's body and how many of its operands are the constants of its condition
+    and of its body (the carries follow them)."""
+    p = eqn.params
+    return p["body_jaxpr"], p["cond_nconsts"], p["body_nconsts"]
+
+
+def scan_parts(eqn: JaxprEqn) -> tuple[ClosedJaxpr, int, int]:
+    """A `scan` equation's body, its number of constants and of carries (the scanned inputs follow)."""
+    p = eqn.params
+    return p["jaxpr"], p["num_consts"], p["num_carry"]
+
+
+def cond_branches(eqn: JaxprEqn) -> tuple[ClosedJaxpr, ...]:
+    """A `cond` equation's branches (its first operand is the branch index, the others theirs)."""
+    return tuple(eqn.params["branches"])
 
 
 def under_vmaps(impl: Callable) -> Callable:

@@ -85,7 +85,7 @@ def make_step(optim, algorithm):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--algorithm", choices=["d_rtrl", "bptt"], default="d_rtrl")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seq-len", type=int, default=50)

@@ -197,14 +197,18 @@ def main(small: bool = False) -> None:
     # --- Delay lines and weights with an untraced use -------------------------------------
     print("\n## Delay lines and weights with an untraced use\n")
     model5 = DelayLineRNN(n_in, n_rec, n_out, key=key5)
-    eqtrace.show_graph(eqtrace.compile_etrace_graph(model5, jnp.zeros(n_in)))
+    # With `infer_etp_ops=False` the plain `@` on `W` stays untagged: an untraced use of `W`.
+    graph5 = eqtrace.compile_etrace_graph(model5, jnp.zeros(n_in), infer_etp_ops=False)
+    eqtrace.show_graph(graph5)
 
     xs = jax.random.normal(jax.random.key(1), (steps, n_in))  # (time, features)
     targets = jnp.zeros((steps, n_out))
     loss_fn = lambda y, target: jnp.sum((y - target) ** 2)
     g_bptt, _ = eqtrace.bptt_grad(model5, model5.init_state(), xs, targets, loss_fn)
     for window in (1, steps):
-        g, _ = eqtrace.online_grad(model5, model5.init_state(), xs, targets, loss_fn, window=window)
+        g, _ = eqtrace.online_grad(
+            model5, model5.init_state(), xs, targets, loss_fn, window=window, graph=graph5
+        )
         print(f"\nwindow={window}: relative error against BPTT")
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_bptt)):
             error = jnp.linalg.norm(a - b) / jnp.linalg.norm(b)

@@ -74,3 +74,22 @@ def assert_tree_allclose(a, b, rtol=None, atol=None) -> None:
     if failures:
         lines = "\n".join(f"  {path}: {report}" for path, report in failures)
         raise AssertionError(f"pytrees differ in {len(failures)} leaf/leaves:\n{lines}")
+
+
+def bptt_step_grads(model, state, xs, targets, loss_fn):
+    """Per step `t`, the BPTT gradient of the loss `L_t` alone (through every earlier step), on a
+    leading time axis: the oracle for a rule's per-step gradient."""
+    import equinox as eqx
+
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def losses(p):
+        m = eqx.combine(p, static)
+
+        def body(s, xt):
+            y, s = m(xt[0], s)
+            return s, loss_fn(y, xt[1])
+
+        return jax.lax.scan(body, state, (xs, targets))[1]
+
+    return jax.jacrev(losses)(params)

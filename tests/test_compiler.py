@@ -165,7 +165,8 @@ def test_untagged_weight_is_excluded_with_reason():
             h = jnp.tanh(eqtrace.matmul(x, self.w) + h @ self.u)
             return h, h
 
-    graph = eqtrace.compile_etrace_graph(Plain(jnp.ones((2, 3)), jnp.eye(3)), jnp.zeros(2), jnp.zeros(3))
+    model = Plain(jnp.ones((2, 3)), jnp.eye(3))
+    graph = eqtrace.compile_etrace_graph(model, jnp.zeros(2), jnp.zeros(3), infer_etp_ops=False)
     assert {w.weight_path: w.reason for w in graph.excluded_weights} == {("u",): "no_etp_op"}
     assert not graph.hidden_groups[0].position_wise
 
@@ -253,8 +254,9 @@ def test_model_without_etp_op():
             h = jnp.tanh(x @ self.w + h)
             return h, h
 
+    # With inference on, `x @ w` is inferred as `eqtrace.matmul` (see tests/test_infer.py).
     with pytest.raises(ValueError, match="no ETP operation"):
-        eqtrace.compile_etrace_graph(NoTag(jnp.ones((2, 3))), jnp.zeros(2), jnp.zeros(3))
+        eqtrace.compile_etrace_graph(NoTag(jnp.ones((2, 3))), jnp.zeros(2), jnp.zeros(3), infer_etp_ops=False)
 
 
 def test_state_shape_change():

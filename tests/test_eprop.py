@@ -12,6 +12,7 @@ import eqtrace
 import eqtrace.nn as enn
 
 from .helpers import assert_tree_allclose
+from .models import StackedCells
 from .test_d_rtrl import _per_step_bptt, mse
 from .test_spiking import _inputs, _net
 
@@ -87,7 +88,7 @@ def _group_stack(tree, group):
     for path in group.hidden_paths:
         node = tree
         for name in path:
-            node = node[name] if isinstance(node, dict) else getattr(node, name)
+            node = node[name] if isinstance(node, dict) or isinstance(name, int) else getattr(node, name)
         leaves.append(node)
     return jnp.stack(leaves, axis=-1)
 
@@ -218,3 +219,61 @@ def test_bad_options_and_models_are_refused():
     traces = eqtrace.EProp(kappa=0.5).init(graph, model, state)
     with pytest.raises(ValueError, match="options"):
         eqtrace.EProp().step(graph, model, traces, jnp.zeros(3), jnp.zeros(2), mse)
+    # Filtered traces on a group that computes `h_t` from its new `c_t` within the step.
+    lstm = StackedCells((enn.LSTMCell(3, 4, key=jax.random.key(0)),), enn.Linear(4, 2, key=jax.random.key(1)))
+    lstm_graph = eqtrace.compile_etrace_graph(lstm, jnp.zeros(3), lstm.init_state())
+    with pytest.raises(ValueError, match="kappa"):
+        eqtrace.EProp(kappa=0.5).init(lstm_graph, lstm, lstm.init_state())
+
+
+@pytest.mark.parametrize("feedback", ["symmetric", "random"])
+def test_eprop_on_a_chained_group_counts_each_path_once(feedback):
+    """An LSTM computes `h_t = o ⊙ tanh(c_t)` from its new `c_t` within the step, so `δ_c` already
+    holds the path through `h_t`: paired with the traces, it must go back through the blocks that hold
+    `h_t` fixed. Oracle, per step: D-RTRL's traces `ε_t` (total `∂h_t/∂W`) times `∂L_t/∂(h_t, c_t)`
+    by `jax.grad` of the readout (which reads `h_t` only), the readout's exact gradient; and
+    `DRTRL(window=0)`, the same sum on one layer with a stateless readout (symmetric feedback). With
+    random feedback the oracle's signal is `jax.grad` of `⟨∂L_t/∂y, h_t B + b⟩`."""
+    f64 = jnp.float64
+    k = jax.random.split(jax.random.key(11), 3)
+    model = StackedCells((enn.LSTMCell(3, 4, dtype=f64, key=k[0]),), enn.Linear(4, 2, dtype=f64, key=k[1]))
+    state = model.init_state()
+    graph = eqtrace.compile_etrace_graph(model, jnp.zeros(3, f64), state)
+    assert graph.hidden_perturb.chained
+    (group,) = graph.hidden_groups
+    T = 4
+    xs = jax.random.normal(k[2], (T, 3), f64)
+    targets = jnp.sin(jnp.arange(T * 2, dtype=f64)).reshape(T, 2)
+    pairs = [
+        (rel, g)
+        for rel in graph.hidden_param_op_relations
+        if rel.position_diagonal
+        for g in rel.hidden_groups
+    ]
+    rule, drtrl = eqtrace.EProp(feedback=feedback, seed=2), eqtrace.DRTRL(window=0)
+    tr, d_tr, ref_tr = rule.init(graph, model, state), drtrl.init(graph, model, state), None
+    ref_tr = eqtrace.d_rtrl_init(graph, model, state)
+    paths = graph.module_info.weight_paths
+    for t in range(T):
+        tr, _, _, grads = rule.step(graph, model, tr, xs[t], targets[t], mse)
+        d_tr, _, _, grads_d = drtrl.step(graph, model, d_tr, xs[t], targets[t], mse)
+        ref_tr, _, _, _ = eqtrace.d_rtrl_step(graph, model, ref_tr, xs[t], targets[t], mse)
+        new = ref_tr.state
+        if feedback == "symmetric":
+            delta_tree = jax.grad(lambda s: mse(model.out(s[0].h), targets[t]))(new)
+        else:
+            g_y = jax.grad(mse)(model.out(new[0].h), targets[t])
+            readout_b = eqx.tree_at(lambda o: o.weight, model.out, tr.feedback)
+            delta_tree = jax.grad(lambda s: jnp.vdot(g_y, readout_b(s[0].h)))(new)
+        delta = _group_stack(delta_tree, group)
+        reference = {}
+        for (rel, _), e in zip(pairs, ref_tr.eps, strict=True):
+            reference[rel.weight_path] = jnp.sum(jnp.expand_dims(delta, rel.input_axes) * e, axis=-1)
+        readout = jax.grad(lambda o: mse(o(new[0].h), targets[t]))(model.out)
+        reference[("out", "weight")], reference[("out", "bias")] = readout.weight, readout.bias
+        flat = dict(zip(paths, jax.tree.leaves(grads), strict=True))
+        assert set(flat) == set(reference)
+        assert_tree_allclose(flat, reference, rtol=1e-9, atol=1e-12)
+        if feedback == "symmetric":
+            assert_tree_allclose(grads, grads_d, rtol=1e-9, atol=1e-12)
+    assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))

@@ -86,6 +86,7 @@ def test_graph_compilation_direct(graph_compilation_output):
         "hidden_perturb",
         "partly_traced_weights",
         "untraced_hidden_paths",
+        "frozen_weights",
     ]
 
 
@@ -97,3 +98,14 @@ def test_graph_compilation_delay_line(graph_compilation_output):
     full = section.split("window=")[-1].splitlines()[1:]
     errors = [float(line.split()[-1]) for line in full if line.strip()]
     assert errors and max(errors) < 1e-4
+
+
+def test_ode_neurons_learns(capsys):
+    import jax
+
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes integer counts with floats
+        initial, final = _load("ode_neurons").main(steps=30, hidden=4, seq_len=8, batch=8, print_every=10)
+    out = capsys.readouterr().out
+    assert "('log_tau',)          --etp_element_wise-->  [0]" in out
+    assert sum(line.startswith("step ") for line in out.splitlines()) == 3
+    assert final < 0.5 * initial

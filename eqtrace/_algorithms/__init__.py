@@ -13,9 +13,14 @@ from ._es_d_rtrl import (
     ESDRTRL as ESDRTRL,
     ESDRTRLTraces as ESDRTRLTraces,
 )
+from ._ostl import OSTL as OSTL, OSTLTraces as OSTLTraces
+from ._otpe import OTPE as OTPE, OTPETraces as OTPETraces
+from ._ottt import OTTT as OTTT, OTTTTraces as OTTTTraces
+from ._rflo import RFLO as RFLO
 from ._rtrl import RTRL as RTRL
 from ._rule import AbstractOnlineAlgorithm as AbstractOnlineAlgorithm
 from ._snap import SnAp1 as SnAp1
+from ._streaming import Stream as Stream, StreamState as StreamState
 from ._truncated_bptt import TruncatedBPTT as TruncatedBPTT
 from ._uoro import UORO as UORO, UOROTraces as UOROTraces
 from ._window import WindowBuffer as WindowBuffer

@@ -15,10 +15,11 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree
 
 from .._compiler import ETraceGraph, HiddenParamOpRelation
 from .._compiler._run import flatten_weights
-from .._ops import etp_op_of
+from .._ops import etp_op
 from ._inputs import check_traces
 from ._one_step import advance, apply_blocks, linearise_step, unflatten_grads
 from ._rule import AbstractOnlineAlgorithm
@@ -54,13 +55,15 @@ def traced_pairs(graph: ETraceGraph) -> list[tuple[int, int]]:
     ]
 
 
-def d_rtrl_init(graph: ETraceGraph, params, state, *, window: int = 1) -> DRTRLTraces:
+def d_rtrl_init(graph: ETraceGraph, params: PyTree, state: PyTree, *, window: int = 1) -> DRTRLTraces:
     """Zero D-RTRL traces for `params`, carrying the hidden `state`.
 
     **Arguments:**
 
     - `graph`: the model's [`eqtrace.ETraceGraph`][].
-    - `params`: the model (or its array part from `eqx.partition`).
+    - `params`: the model, or its array part `eqx.filter(model, eqx.is_array)`, frozen leaves
+      included: a leaf is frozen by the `filter_spec` the graph was compiled with, and then gets no
+      trace.
     - `state`: the initial hidden state pytree.
     - `window`: `K >= 1`: back-propagate each step's loss exactly through the last `K` steps
       (memory `O(K)`) and use the traces beyond; `0`: carry the learning signal back one step
@@ -82,7 +85,7 @@ def d_rtrl_init(graph: ETraceGraph, params, state, *, window: int = 1) -> DRTRLT
 def instant_trace(primitive, params: Mapping, operands: list, j: int, d_f: jax.Array) -> jax.Array:
     """`∂h_t/∂W` at this step in trace layout (`W.shape + (S,)`) for weight operand `j` of an ETP
     operation: the operation's own VJP for the weight, with `∂h/∂y` of one state at a time."""
-    op = etp_op_of(primitive)
+    op = etp_op(primitive)
 
     def f(w):
         return op.impl(*operands[:j], w, *operands[j + 1 :], **params)
@@ -91,10 +94,20 @@ def instant_trace(primitive, params: Mapping, operands: list, j: int, d_f: jax.A
     return jax.vmap(lambda ct: vjp(ct)[0], in_axes=-1, out_axes=-1)(d_f)
 
 
+def in_weight_layout(rel: HiddenParamOpRelation, per_position: jax.Array) -> jax.Array:
+    """A per-position array (`varshape + tail`) laid out as the weight's trace: broadcastable along
+    the weight's input axes, and zero outside the part of the weight the operation reads."""
+    per_position = jnp.expand_dims(per_position, rel.input_axes)
+    if rel.position_pad:
+        tail = ((0, 0),) * (per_position.ndim - len(rel.position_pad))
+        per_position = jnp.pad(per_position, rel.position_pad + tail)
+    return per_position
+
+
 def contract(rel: HiddenParamOpRelation, signal: jax.Array, trace: jax.Array) -> jax.Array:
     """`Σ_{n,c} signal[n, c] trace[..., n, c]`: a per-position signal (`varshape + (S,)`) against a
     weight-shaped trace, broadcast along the weight's input axes."""
-    signal = jnp.expand_dims(signal, rel.input_axes)
+    signal = in_weight_layout(rel, signal)
     return jnp.sum(jnp.broadcast_to(signal, trace.shape) * trace, axis=-1)
 
 
@@ -103,23 +116,23 @@ def trace_update(rel: HiddenParamOpRelation, g: int, lin, eps: jax.Array) -> tup
     `D ε`, and this step's `∂h_t/∂W`."""
     operands, d_f = lin.operands[rel.eqn_index], lin.d_f[rel.eqn_index][g]
     instant = instant_trace(rel.primitive, rel.params, operands, rel.operand_index, d_f)
-    return apply_blocks(jnp.expand_dims(lin.d_total[g], rel.input_axes), eps), instant
+    return apply_blocks(in_weight_layout(rel, lin.d_total[g]), eps), instant
 
 
 def d_rtrl_step(
     graph: ETraceGraph,
-    params,
+    params: PyTree,
     traces: DRTRLTraces,
-    x,
-    target,
+    x: PyTree,
+    target: PyTree,
     loss_fn: Callable,
-):
+) -> tuple[DRTRLTraces, PyTree, Float[Array, ""], PyTree]:
     r"""Advance D-RTRL by one step.
 
     **Arguments:**
 
     - `graph`: the model's [`eqtrace.ETraceGraph`][] (a static argument under `eqx.filter_jit`).
-    - `params`: the model (or its array part).
+    - `params`: the model (or its array part), as for [`eqtrace.d_rtrl_init`][].
     - `traces`: the [`eqtrace.DRTRLTraces`][] after the previous step.
     - `x`: this step's input; `target`: this step's target.
     - `loss_fn`: `loss_fn(y, target) -> scalar`, the per-step loss $L_t$.
@@ -131,7 +144,7 @@ def d_rtrl_step(
 
     `(traces, y, loss, grads)`: the new traces, the model output, $L_t$, and this step's
     contribution to $\nabla_\theta \sum_t L_t$ in the structure of
-    `eqx.filter(params, eqx.is_inexact_array)`.
+    `eqx.filter(params, eqx.is_inexact_array)`, `None` at frozen leaves.
     """
     check_traces(traces, DRTRLTraces, d_rtrl_init, graph, params)
     return trace_step(graph, params, traces, x, target, loss_fn, full_jacobian=False)

@@ -4,19 +4,23 @@ import collections
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any, Literal, overload
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from jaxtyping import Array, Float, PyTree
 
 from .._compiler import compile_etrace_graph, ETraceGraph
 from .._compiler._compile import canonical_dtype
+from .._compiler._freeze import freeze, frozen_paths
 from .._compiler._run import check_graph_matches
 from ._bptt import bptt_grad, bptt_grad_of_batch
 from ._d_rtrl import DRTRL
 from ._es_d_rtrl import ESDRTRL
-from ._inputs import check_batch_axis, check_sequences, step_example, zeros_shaped
+from ._inputs import check_batch_axis, check_frozen, check_sequences, step_example, zeros_shaped
+from ._one_step import trainable_part
 from ._rule import AbstractOnlineAlgorithm
 
 
@@ -31,16 +35,18 @@ _GRAPHS: collections.OrderedDict = collections.OrderedDict()  # least recently u
 _MAX_GRAPHS = 64
 
 
-def graph_for(model, x, state) -> ETraceGraph:
-    """The compiled graph for this model structure and these input/state shapes, compiled once.
+def graph_for(model, x, state, filter_spec=None) -> ETraceGraph:
+    """The compiled graph for this model structure and these input/state shapes, with the leaves
+    that `filter_spec` leaves out frozen (`None`: none), compiled once.
 
     Works inside `jit`/`vmap`: only the structure, shapes and dtypes are used.
     """
+    frozen = () if filter_spec is None else frozen_paths(model, filter_spec)
     dynamic, static = eqx.partition((model, x, state), eqx.is_array)
     leaves, treedef = jtu.tree_flatten(dynamic)
     static_leaves, static_def = jtu.tree_flatten(static)
     shapes = tuple((tuple(a.shape), canonical_dtype(a.dtype)) for a in leaves)
-    key = (treedef, static_def, tuple(static_leaves), shapes)
+    key = (treedef, static_def, tuple(static_leaves), shapes, frozen)
     try:
         _GRAPHS.move_to_end(key)
         return _GRAPHS[key]
@@ -51,6 +57,7 @@ def graph_for(model, x, state) -> ETraceGraph:
     with jax.ensure_compile_time_eval():
         concrete = [zeros_shaped(a.shape, a) for a in leaves]
         graph = compile_etrace_graph(*eqx.combine(jtu.tree_unflatten(treedef, concrete), static))
+        graph = freeze(graph, frozen)
     if key is not None:
         _GRAPHS[key] = graph
         if len(_GRAPHS) > _MAX_GRAPHS:
@@ -80,19 +87,54 @@ def as_algorithm(algorithm, options: dict) -> AbstractOnlineAlgorithm:
     return cls(**options)
 
 
+@overload
 def online_grad(
-    model,
-    state,
-    xs,
-    targets,
+    model: PyTree,
+    state: PyTree,
+    xs: PyTree,
+    targets: PyTree,
     loss_fn: Callable,
     algorithm: str | AbstractOnlineAlgorithm = "d_rtrl",
     *,
-    graph=None,
-    traces=None,
+    graph: ETraceGraph | None = None,
+    traces: PyTree = None,
+    return_traces: Literal[False] = False,
+    filter_spec: PyTree = None,
+    **options: Any,
+) -> tuple[PyTree, Float[Array, " time"]]: ...
+
+
+@overload
+def online_grad(
+    model: PyTree,
+    state: PyTree,
+    xs: PyTree,
+    targets: PyTree,
+    loss_fn: Callable,
+    algorithm: str | AbstractOnlineAlgorithm = "d_rtrl",
+    *,
+    graph: ETraceGraph | None = None,
+    traces: PyTree = None,
+    return_traces: Literal[True],
+    filter_spec: PyTree = None,
+    **options: Any,
+) -> tuple[PyTree, Float[Array, " time"], PyTree]: ...
+
+
+def online_grad(
+    model: PyTree,
+    state: PyTree,
+    xs: PyTree,
+    targets: PyTree,
+    loss_fn: Callable,
+    algorithm: str | AbstractOnlineAlgorithm = "d_rtrl",
+    *,
+    graph: ETraceGraph | None = None,
+    traces: PyTree = None,
     return_traces: bool = False,
-    **options,
-):
+    filter_spec: PyTree = None,
+    **options: Any,
+) -> tuple[PyTree, Float[Array, " time"]] | tuple[PyTree, Float[Array, " time"], PyTree]:
     r"""Online gradient of $\sum_t L_t$ over a sequence, forward in time with constant memory.
 
     Compiles the model's graph once per model structure (or uses `graph`), then scans the
@@ -112,21 +154,48 @@ def online_grad(
       where it stopped, exactly as one call over the whole sequence would; `state` is then `None`
       (the traces carry it) and the options are the traces' own.
     - `return_traces`: also return the traces after the last step.
+    - `filter_spec`: which leaves are trained, as for `eqx.partition(model, filter_spec)`; the
+      inexact leaves it leaves out are frozen: they get no trace and a `None` gradient. Default:
+      the frozen leaves of `graph`, or none.
     - `options`: with a shorthand string, the rule's fields: `window=K` (default 1) for both
       rules, and `decay=0.9`, `normalise=True` for ES-D-RTRL.
 
     **Returns:**
 
-    `(grads, losses)`: gradients in the structure of `eqx.filter(model, eqx.is_inexact_array)`,
-    and the per-step losses, shape `(T,)`; `(grads, losses, traces)` with `return_traces`.
+    `(grads, losses)`: gradients in the structure of `eqx.filter(model, eqx.is_inexact_array)`
+    (`None` at frozen leaves), and the per-step losses, shape `(T,)`; `(grads, losses, traces)`
+    with `return_traces`.
     """
     return _online_grad(
-        model, state, xs, targets, loss_fn, algorithm, graph, options, traces, return_traces, batched=False
+        model,
+        state,
+        xs,
+        targets,
+        loss_fn,
+        algorithm,
+        graph,
+        options,
+        traces,
+        return_traces,
+        batched=False,
+        filter_spec=filter_spec,
     )
 
 
 def _online_grad(
-    model, state, xs, targets, loss_fn, algorithm, graph, options, traces, return_traces, *, batched: bool
+    model,
+    state,
+    xs,
+    targets,
+    loss_fn,
+    algorithm,
+    graph,
+    options,
+    traces,
+    return_traces,
+    *,
+    batched: bool,
+    filter_spec=None,
 ):
     """`online_grad`; with `batched`, `state` has a leading batch axis and `xs`, `targets` are
     `(time, batch, ...)`: each step runs on the whole batch and its gradients are averaged at once,
@@ -143,13 +212,14 @@ def _online_grad(
     rule = as_algorithm(algorithm, options)
     x, s = step_example(xs, 2 if batched else 1), step_example(state, 1 if batched else 0)
     if graph is None:
-        graph = graph_for(model, x, s)
+        graph = graph_for(model, x, s, filter_spec)
     else:
         check_graph_matches(graph, model, x, s)
+        check_frozen(graph, model, filter_spec)
     if traces is None:
         init = lambda s: rule.init(graph, model, s)  # noqa: E731
         traces = jax.vmap(init)(state) if batched else init(state)
-    zeros = jtu.tree_map(jnp.zeros_like, eqx.filter(model, eqx.is_inexact_array))
+    zeros = jtu.tree_map(jnp.zeros_like, trainable_part(graph, model))
 
     def body(carry, xt):
         traces, acc = carry
@@ -184,18 +254,32 @@ def _online_grad_of_batch(
     graph=None,
     traces=None,
     return_traces=False,
+    filter_spec=None,
     **options,
 ):
     """`online_grad` of a batch: a batch-native rule steps the whole batch at once (one gradient
     accumulator, not one per example); the others are `jax.vmap`-ed over examples."""
     if not as_algorithm(algorithm, options).batch_native:
-        kwargs = dict(options, algorithm=algorithm, graph=graph, return_traces=return_traces)
+        kwargs = dict(
+            options, algorithm=algorithm, graph=graph, return_traces=return_traces, filter_spec=filter_spec
+        )
         if traces is not None:
             kwargs["traces"] = traces
         return _vmapped_mean(online_grad, model, states, xs, targets, loss_fn, **kwargs)
-    time_major = jtu.tree_map(lambda a: jnp.swapaxes(a, 0, 1), (xs, targets))
+    xs, targets = jtu.tree_map(lambda a: jnp.swapaxes(a, 0, 1), (xs, targets))
     return _online_grad(
-        model, states, *time_major, loss_fn, algorithm, graph, options, traces, return_traces, batched=True
+        model,
+        states,
+        xs,
+        targets,
+        loss_fn,
+        algorithm,
+        graph,
+        options,
+        traces,
+        return_traces,
+        batched=True,
+        filter_spec=filter_spec,
     )
 
 
@@ -203,7 +287,15 @@ def _online_grad_of_batch(
 BATCH_FORMS: dict[Callable, Callable] = {online_grad: _online_grad_of_batch, bptt_grad: bptt_grad_of_batch}
 
 
-def batch_grad(grad_fn: Callable, model, states, xs, targets, loss_fn: Callable, **kwargs):
+def batch_grad(
+    grad_fn: Callable,
+    model: PyTree,
+    states: PyTree,
+    xs: PyTree,
+    targets: PyTree,
+    loss_fn: Callable,
+    **kwargs: Any,
+) -> tuple[PyTree, ...]:
     """Average `grad_fn` (`online_grad` or `bptt_grad`) over a batch.
 
     `bptt_grad` becomes the gradient of the batch-mean loss (each weight gradient contracts the
@@ -216,7 +308,8 @@ def batch_grad(grad_fn: Callable, model, states, xs, targets, loss_fn: Callable,
     - `grad_fn`: [`eqtrace.online_grad`][] or [`eqtrace.bptt_grad`][] (or a function with their
       contract).
     - `states`, `xs`, `targets`: with a leading batch axis (`xs` is `(batch, time, ...)`).
-    - `kwargs`: passed on to `grad_fn` (e.g. `algorithm=`, `window=`, `traces=`, `return_traces=`).
+    - `kwargs`: passed on to `grad_fn` (e.g. `algorithm=`, `window=`, `traces=`, `return_traces=`,
+      `filter_spec=`).
 
     **Returns:**
 

@@ -19,9 +19,9 @@ import jax.tree_util as jtu
 
 from .._compiler import ETraceGraph, HiddenParamOpRelation
 from .._compiler._run import flatten_weights
-from ._d_rtrl import contract, trace_update, traced_pairs
+from ._d_rtrl import contract, in_weight_layout, trace_update, traced_pairs
 from ._inputs import check_traces
-from ._one_step import linearise_step, unflatten_grads
+from ._one_step import apply_blocks, linearise_step, unflatten_grads
 from ._rule import AbstractOnlineAlgorithm
 
 
@@ -60,7 +60,7 @@ def _readout_index(graph: ETraceGraph, flat_w: list) -> int:
     if len(found) != 1:
         got = [paths[i] for i in found]
         raise ValueError(
-            "`EProp(feedback='random')` needs exactly one readout weight (a weight matrix that "
+            "Random feedback (`feedback='random'`) needs exactly one readout weight (a weight matrix that "
             f"reaches no hidden state, such as a stateless `Linear` readout of the spikes); got {got}. "
             "Use `feedback='symmetric'` for this model, or read the spikes through one `Linear` "
             "readout."
@@ -72,6 +72,12 @@ def _eprop_init(
     graph: ETraceGraph, params, state, *, kappa: float | None = None, feedback_seed: int | None = None
 ) -> EPropTraces:
     flat_w = flatten_weights(graph, params)
+    if kappa is not None and graph.hidden_perturb is not None and graph.hidden_perturb.chained:
+        raise ValueError(
+            "Filtered traces (`kappa`) need hidden groups whose new values are not computed from one "
+            "another within the step; this model computes some from others (as an LSTM's `h_t` from "
+            "its new `c_t`). Use `kappa=None` for this model."
+        )
     eps = []
     for r, g in traced_pairs(graph):
         w = flat_w[graph.hidden_param_op_relations[r].weight_index]
@@ -99,17 +105,66 @@ def _linear_loss(y, cotangent) -> jax.Array:
     return jtu.tree_reduce(operator.add, jtu.tree_map(lambda a, b: jnp.sum(a * b), y, cotangent))
 
 
-def _random_signal(graph: ETraceGraph, params, traces: EPropTraces, x, target, loss_fn, y) -> tuple:
-    """Per group, `∂L_t/∂h_t` with `B` in place of the readout weight in the backward pass: the
-    signal `⟨∂L_t/∂y, y⟩` at `y = f(h_t) B + b`, which is `(B ∂L_t/∂y) · ∂f/∂h_t` since `y` is
-    affine in the readout weight."""
+def _random_feedback(graph: ETraceGraph, params, traces: EPropTraces, x, target, loss_fn, y):
+    """The step linearised with `B` in place of the readout weight in the backward pass: the loss
+    `⟨∂L_t/∂y, y⟩` at `y = f(h_t) B + b`, whose signal per group is `(B ∂L_t/∂y) · ∂f/∂h_t` since `y`
+    is affine in the readout weight, and whose same-step gradients pair that signal with `∂h_t/∂W`."""
     cotangent = jax.grad(lambda y: loss_fn(y, target))(y)
     arrays, rest = eqx.partition(params, eqx.is_array)
     leaves, treedef = jtu.tree_flatten(arrays)
     leaves[_readout_index(graph, leaves)] = traces.feedback
     swapped = eqx.combine(jtu.tree_unflatten(treedef, leaves), rest)
-    lin = linearise_step(graph, swapped, x, traces.state, cotangent, _linear_loss, diagonal=True)
-    return lin.delta
+    return linearise_step(graph, swapped, x, traces.state, cotangent, _linear_loss, diagonal=True)
+
+
+def eligibility_step(
+    graph: ETraceGraph,
+    params,
+    traces: EPropTraces,
+    x,
+    target,
+    loss_fn: Callable,
+    *,
+    leak: float | None = None,
+):
+    """One step of e-prop's traces paired with the instantaneous (symmetric or random) signal; with
+    `leak`, the traces decay by that constant instead of the blocks `D_t` (RFLO)."""
+    lin = linearise_step(graph, params, x, traces.state, target, loss_fn, diagonal=True)
+    signal = lin.delta
+    grads = list(lin.grads)
+    pairs = traced_pairs(graph)
+    if traces.feedback is not None:
+        swapped = _random_feedback(graph, params, traces, x, target, loss_fn, lin.y)
+        signal = swapped.delta
+        # A traced weight's same-step gradient, `δ_t · ∂h_t/∂W`, with the signal through `B`.
+        for w in {graph.hidden_param_op_relations[r].weight_index for r, _ in pairs}:
+            grads[w] = swapped.grads[w]
+    new_eps, new_filtered = [], []
+    for k, ((r, g), eps) in enumerate(zip(pairs, traces.eps)):
+        rel = graph.hidden_param_op_relations[r]
+        history, instant = trace_update(rel, g, lin, eps)
+        # `δ_t` of a new value holds the paths through the values computed from it within the step
+        # (an LSTM's `h_t` from `c_t`), so it pairs with the blocks that hold those fixed.
+        paired = apply_blocks(in_weight_layout(rel, lin.d_local[g]), eps)
+        if leak is not None:  # RFLO: the neurons' leak in place of their step Jacobian `D_t`
+            history = paired = leak * eps
+        new_eps.append(history + instant)
+        if traces.filtered is not None:
+            # `κ ē_{t-1} + ε_t`, of which `instant` is already in the same-step gradient.
+            paired = paired + traces.kappa * traces.filtered[k]
+            new_filtered.append(history + traces.kappa * traces.filtered[k] + instant)
+        # The same-step gradient holds `δ_t · ∂h_t/∂W`; e-prop adds `δ_t · (ē_t - ∂h_t/∂W)`.
+        w = rel.weight_index
+        grads[w] = grads[w] + contract(rel, signal[g], paired)
+    new = EPropTraces(
+        state=lin.new_state,
+        eps=tuple(new_eps),
+        filtered=None if traces.filtered is None else tuple(new_filtered),
+        feedback=traces.feedback,
+        kappa=traces.kappa,
+        feedback_seed=traces.feedback_seed,
+    )
+    return new, lin.y, lin.loss, unflatten_grads(params, grads)
 
 
 class EProp(AbstractOnlineAlgorithm):
@@ -131,8 +186,11 @@ class EProp(AbstractOnlineAlgorithm):
     \text{ without } \kappa).$$
 
     Where the weight also reaches the loss within the step by paths that avoid its hidden groups,
-    those are added exactly. Every other weight (a stateless readout included) gets its exact
-    same-step gradient, as in e-prop.
+    those are added exactly (through $B$ with random feedback). Where a group computes some new
+    values from others within the step (an LSTM's $h_t$ from its new $c_t$), $\delta_t$ of a value
+    already holds the paths through those computed from it, and the past part of the trace is paired
+    with it through the blocks that hold them fixed, so that each path counts once. Every other
+    weight (a stateless readout included) gets its exact same-step gradient, as in e-prop.
 
     **Relation to D-RTRL.** With `window=0`, [`eqtrace.DRTRL`][] adds
     $\lambda_t \cdot \epsilon_{t-1}$ to the same-step gradient, with
@@ -168,7 +226,8 @@ class EProp(AbstractOnlineAlgorithm):
 
     - `feedback`: `"symmetric"` (the learning signal through the readout weights themselves) or
       `"random"` (through a fixed random matrix $B$).
-    - `kappa`: `None` (no filter), or $0 \le \kappa < 1$, the decay of the filtered traces.
+    - `kappa`: `None` (no filter), or $0 \le \kappa < 1$, the decay of the filtered traces
+      (refused by `init` on a model whose groups compute new values from one another).
     - `seed`: the seed of $B$ with `feedback="random"` (static: the same seed, the same $B$).
 
     **References:**
@@ -219,37 +278,7 @@ class EProp(AbstractOnlineAlgorithm):
                 f"`traces` were made with the options {made}, but this rule has {options}: make them "
                 "with this rule's `init`."
             )
-        lin = linearise_step(graph, params, x, traces.state, target, loss_fn, diagonal=True)
-        symmetric = lin.delta
-        signal = symmetric
-        if traces.feedback is not None:
-            signal = _random_signal(graph, params, traces, x, target, loss_fn, lin.y)
-        grads = list(lin.grads)
-        new_eps, new_filtered = [], []
-        for k, ((r, g), eps) in enumerate(zip(traced_pairs(graph), traces.eps)):
-            rel = graph.hidden_param_op_relations[r]
-            history, instant = trace_update(rel, g, lin, eps)
-            new_eps.append(history + instant)
-            if traces.filtered is not None:
-                # `κ ē_{t-1} + ε_t`, of which `instant` is already in the same-step gradient.
-                history = history + traces.kappa * traces.filtered[k]
-                new_filtered.append(history + instant)
-            # The same-step gradient holds `δ_t · ∂h_t/∂W` (symmetric); e-prop adds `δ_t · (ē_t - ∂h_t/∂W)`
-            # and, with random feedback, swaps the signal of the instantaneous term.
-            extra = contract(rel, signal[g], history)
-            if traces.feedback is not None:
-                extra = extra + contract(rel, signal[g] - symmetric[g], instant)
-            w = rel.weight_index
-            grads[w] = grads[w] + extra
-        new = EPropTraces(
-            state=lin.new_state,
-            eps=tuple(new_eps),
-            filtered=None if traces.filtered is None else tuple(new_filtered),
-            feedback=traces.feedback,
-            kappa=traces.kappa,
-            feedback_seed=traces.feedback_seed,
-        )
-        return new, lin.y, lin.loss, unflatten_grads(params, grads)
+        return eligibility_step(graph, params, traces, x, target, loss_fn)
 
     def traces_relation(self, relation: HiddenParamOpRelation) -> bool:
         return relation.position_diagonal

@@ -17,10 +17,11 @@ from typing import ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree
 
 from .._compiler import ETraceGraph, HiddenParamOpRelation
 from .._compiler._run import flatten_weights
-from .._ops import etp_op_of
+from .._ops import etp_op
 from ._inputs import check_traces
 from ._one_step import advance, apply_blocks, linearise_step, unflatten_grads
 from ._rule import AbstractOnlineAlgorithm
@@ -66,7 +67,13 @@ def _traced_operations(graph: ETraceGraph) -> list[tuple[list[HiddenParamOpRelat
 
 
 def es_d_rtrl_init(
-    graph: ETraceGraph, params, state, decay: float = 0.9, *, normalise: bool = True, window: int = 1
+    graph: ETraceGraph,
+    params: PyTree,
+    state: PyTree,
+    decay: float = 0.9,
+    *,
+    normalise: bool = True,
+    window: int = 1,
 ) -> ESDRTRLTraces:
     """Zero ES-D-RTRL traces, carrying the hidden `state`.
 
@@ -109,14 +116,14 @@ def es_d_rtrl_init(
 
 def es_d_rtrl_step(
     graph: ETraceGraph,
-    params,
+    params: PyTree,
     traces: ESDRTRLTraces,
-    x,
-    target,
+    x: PyTree,
+    target: PyTree,
     loss_fn: Callable,
     *,
     batched: bool = False,
-):
+) -> tuple[ESDRTRLTraces, PyTree, Float[Array, "*batch"], PyTree]:
     """Advance ES-D-RTRL by one step. Same contract as [`eqtrace.d_rtrl_step`][].
 
     **Returns:**
@@ -143,7 +150,7 @@ def es_d_rtrl_step(
     x_iter, f_iter = iter(traces.x_bar), iter(traces.f_bar)
     new_x, new_f = [], []
     for rels, group_ids in operations:
-        op, e = etp_op_of(rels[0].primitive), rels[0].eqn_index
+        op, e = etp_op(rels[0].primitive), rels[0].eqn_index
         operands = list(lin.operands[e])
         x_bar = x_hat = None
         if op.has_input:
@@ -203,7 +210,9 @@ def _history(op, rel: HiddenParamOpRelation, operands, x_bar, cot, weights, batc
         return list(vjp(jnp.sum(cot, axis=0)))
     # Weights computed inside the step: one VJP per example, summed.
     per_example = jax.vmap(lambda x0, c, *w: jax.vjp(lambda *w: impl(x0, *w), *w)[1](c))
-    return [None] * start + [jnp.sum(g, axis=0) for g in per_example(x_bar, cot, *operands[start:])]
+    # Integer operands (token ids, indices) have `float0` cotangents: no gradient to sum.
+    grads = per_example(x_bar, cot, *operands[start:])
+    return [None] * start + [None if g.dtype == jax.dtypes.float0 else jnp.sum(g, axis=0) for g in grads]
 
 
 class ESDRTRL(AbstractOnlineAlgorithm):

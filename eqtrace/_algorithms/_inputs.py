@@ -4,6 +4,7 @@ what was got and the likely fix."""
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import equinox as eqx
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 
 from .._compiler import key_to_path
 from .._compiler._compile import canonical_dtype
+from .._compiler._freeze import frozen_paths
 
 
 def check_scalar_loss(loss) -> None:
@@ -65,12 +67,27 @@ def check_batch_axis(states, batch_size: int) -> None:
             )
 
 
+def check_frozen(graph, model, filter_spec) -> None:
+    """Raise unless `filter_spec` (unless `None`) freezes the leaves that `graph` was compiled with
+    frozen."""
+    if filter_spec is None:
+        return
+    frozen = frozen_paths(model, filter_spec)
+    if set(frozen) != set(graph.frozen_weights):
+        raise ValueError(
+            f"`filter_spec` freezes the leaves {list(frozen)}, but `graph` was compiled with "
+            f"{list(graph.frozen_weights)} frozen. Give the same `filter_spec` to "
+            "`eqtrace.compile_etrace_graph(model, x, state, filter_spec=...)`, or leave it out here to "
+            "use the graph's."
+        )
+
+
 def zeros_shaped(shape: tuple[int, ...], like) -> np.ndarray | jax.Array:
     """Zeros of `shape` with the dtype of the array `like`, from its shape and dtype only (it may be a
     tracer). PRNG-key arrays give keys."""
     if jnp.issubdtype(like.dtype, jax.dtypes.prng_key):
         return jnp.broadcast_to(jax.random.key(0, impl=jax.random.key_impl(like)), shape)
-    return np.zeros(shape, canonical_dtype(like.dtype))
+    return np.zeros(shape, cast(np.dtype, canonical_dtype(like.dtype)))  # not a key: a NumPy dtype
 
 
 def step_example(tree, lead: int):

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._compiler import ETraceGraph, evaluate, HiddenGroup
+from .._compiler._freeze import trainable_mask
 from .._compiler._run import flatten_step_inputs, flatten_weights, unflatten_step_outputs
 from ._inputs import check_scalar_loss
-from ._window import window_advance, window_inputs
+from ._window import window_advance, window_inputs, WindowBuffer
 
 
 class StepLinearisation(eqx.Module):
@@ -26,7 +27,8 @@ class StepLinearisation(eqx.Module):
 
     - `y`, `new_state`, `loss`: the step's output, new state pytree and loss.
     - `grads`: the exact gradient of the loss through the window, the anchor state held fixed, for
-      every inexact weight leaf (flat, `None` for the others). With `K = 1`: the same-step gradient.
+      every trainable weight leaf (flat, `None` for the others: frozen or not inexact). With
+      `K = 1`: the same-step gradient.
     - `signal`: per group, the learning signal `λ[..., c] = ∂L_t/∂h_anchor[..., c]` (`varshape +
       (S,)`): the history term of the gradient is `λ · ∂h_anchor/∂W`, which the traces estimate.
     - `advanced`: whether the window's first step is a real one (the traces advance over it).
@@ -36,7 +38,10 @@ class StepLinearisation(eqx.Module):
       with ETP outputs held fixed, or of the full step Jacobian (`full_jacobian`).
     - `d_f`: per relation equation index and group index, `∂h/∂y` of the first step (`varshape + (S,)`).
     - `delta`: with `diagonal`, per group, the same-step learning signal `δ = ∂L_t/∂h_t` at the new
-      hidden values (`h_{t-1}` held fixed; `varshape + (S,)`); else `None`.
+      hidden values (`h_{t-1}` held fixed; `varshape + (S,)`); else empty.
+    - `d_local`: the blocks `δ` goes back through: with `diagonal`, those of `d_total` with the
+      step's other new values held fixed (`δ` of a value already holds the paths through the values
+      computed from it, as an LSTM's `δ_c` holds those through `h_t`); else `d_total` itself.
     """
 
     y: object
@@ -45,11 +50,12 @@ class StepLinearisation(eqx.Module):
     grads: list
     signal: tuple
     advanced: jax.Array
-    buffer: object
+    buffer: WindowBuffer | None
     operands: dict
     d_total: tuple
     d_f: dict
-    delta: tuple | None = None
+    delta: tuple = ()
+    d_local: tuple = ()
 
 
 def _group_columns(paths, graph: ETraceGraph) -> list[list[int]]:
@@ -130,7 +136,7 @@ def linearise_step(
     pvars = perturb.perturb_vars if perturb is not None else ()
     hidden_index = {p: i for i, p in enumerate(info.hidden_paths)}
     traced = [hidden_index[p] for p in traced_paths]
-    inexact = [jnp.issubdtype(w.dtype, jnp.inexact) for w in weights]
+    inexact = trainable_mask(graph)  # frozen weights are constants of the step
     diff_weights = [w for w, ok in zip(weights, inexact) if ok]
 
     def merge(dw):
@@ -209,7 +215,8 @@ def linearise_step(
         anchor0 = _traced_leaves(traced, state if buffer is None else buffer.anchor)
         lead = ()
 
-    zeros_p = [jnp.zeros(lead + v.aval.shape, v.aval.dtype) for v in pvars] if diagonal else []
+    avals = [info.hidden_avals[i] for i in traced]  # the perturbed new values keep the state's avals
+    zeros_p = [jnp.zeros(lead + a.shape, a.dtype) for a in avals] if diagonal else []
     _, vjp, (loss, aux) = jax.vjp(loss_of, diff_weights, anchor0, zeros_p, has_aux=True)
     y, new_state, advanced, new_buffer, record, xs0, hidden0 = aux
     g_w, g_h, g_p = vjp(jnp.ones((), loss.dtype))
@@ -224,12 +231,12 @@ def linearise_step(
     d_total, d_local, d_f = (jax.vmap(jacobians) if batched else jacobians)(xs0, hidden0, outputs)
     cols = _group_columns(traced_paths, graph)
     signal = tuple(jnp.stack([g_h[k] for k in c], axis=-1) for c in cols)
-    delta = None
+    delta: tuple = ()
     if diagonal:
         delta = tuple(jnp.stack([g_p[k] for k in c], axis=-1) for c in cols)
         signal = tuple(s + jnp.einsum("...s,...sc->...c", dl, d) for s, dl, d in zip(signal, delta, d_local))
     return StepLinearisation(
-        y, new_state, loss, grads, signal, advanced, new_buffer, operands, d_total, d_f, delta
+        y, new_state, loss, grads, signal, advanced, new_buffer, operands, d_total, d_f, delta, d_local
     )
 
 
@@ -286,22 +293,49 @@ def _jacobians(
     h0 = [hidden[i] for i in traced]
     fixed = None if full_jacobian else outputs
 
-    def blocks(jvp):
-        pw = False if full_jacobian else None
-        return tuple(_blocks(jvp, h0, g, c, position_wise=pw) for g, c in zip(graph.hidden_groups, cols))
+    # A step that calls a `jax.custom_vjp` function (an ODE solve with Diffrax's default adjoint)
+    # has no forward-mode derivative: it is linearised in reverse mode, with the function's own
+    # derivative, as `jax.grad` (and BPTT) would. A VJP with a cotangent on state `s` gives the row
+    # `[..., s, :]` of the blocks where a JVP gives a column, so the blocks come out transposed.
+    reverse = not info.forward_differentiable
 
-    d_total = blocks(jax.linearize(lambda h: transition(h, fixed, False), h0)[1])
+    def linear(f, primal):
+        if reverse:
+            vjp = jax.vjp(f, primal)[1]
+            return lambda ct: vjp(ct)[0]
+        return jax.linearize(f, primal)[1]
+
+    def blocks(f):
+        pw = False if full_jacobian else None
+        out = tuple(
+            _blocks(linear(f, h0), h0, g, c, position_wise=pw) for g, c in zip(graph.hidden_groups, cols)
+        )
+        return tuple(jnp.swapaxes(b, -1, -2) for b in out) if reverse else out
+
+    d_total = blocks(lambda h: transition(h, fixed, False))
     d_local = d_total
     # With ETP outputs computed, a new value may also reach another through an ETP operation.
     if diagonal and (perturb.chained or full_jacobian):
-        d_local = blocks(jax.linearize(lambda h: transition(h, fixed, True), h0)[1])
+        d_local = blocks(lambda h: transition(h, fixed, True))
 
     d_f: dict = {}
     rel_eqns = sorted({r.eqn_index for r in graph.hidden_param_op_relations})
-    if rel_eqns:
-        _, jvp_y = jax.linearize(
-            lambda ys: transition(h0, {**outputs, **ys}, False), {e: outputs[e] for e in rel_eqns}
-        )
+    if rel_eqns and reverse:
+        # `∂h/∂y` is diagonal where a relation holds: one VJP per state gives every relation's.
+        vjp_y = linear(lambda ys: transition(h0, {**outputs, **ys}, False), {e: outputs[e] for e in rel_eqns})
+        for g, c in zip(graph.hidden_groups, cols):
+            per_state = []
+            for k in c:
+                ct = [jnp.zeros_like(h) for h in h0]
+                ct[k] = jnp.ones_like(h0[k])
+                per_state.append(vjp_y(ct))
+            for e in rel_eqns:
+                same = outputs[e].shape == g.varshape
+                d_f.setdefault(e, {})[g.index] = jnp.stack(
+                    [d[e] if same else jnp.zeros(g.varshape, g.dtype) for d in per_state], axis=-1
+                )
+    elif rel_eqns:
+        jvp_y = linear(lambda ys: transition(h0, {**outputs, **ys}, False), {e: outputs[e] for e in rel_eqns})
         for e in rel_eqns:
             t = {k: jnp.zeros_like(outputs[k]) for k in rel_eqns}
             t[e] = jnp.ones_like(outputs[e])
@@ -325,6 +359,12 @@ def advance(lin: StepLinearisation, new, old):
 
 
 def unflatten_grads(params, flat_grads: list):
-    """Flat weight gradients (`None` for non-inexact leaves) in the structure of
+    """Flat weight gradients (`None` for frozen and non-inexact leaves) in the structure of
     `eqx.filter(params, eqx.is_inexact_array)`."""
     return jtu.tree_unflatten(jtu.tree_structure(eqx.filter(params, eqx.is_array)), flat_grads)
+
+
+def trainable_part(graph: ETraceGraph, params):
+    """The trainable leaves of `params` (the structure of the gradients), `None` elsewhere."""
+    weights = flatten_weights(graph, params)
+    return unflatten_grads(params, [w if ok else None for w, ok in zip(weights, trainable_mask(graph))])

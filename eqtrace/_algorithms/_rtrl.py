@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Inexact
 
 from .._compiler import ETraceGraph, evaluate
+from .._compiler._freeze import trainable_mask
 from .._compiler._run import flatten_step_inputs, flatten_weights, unflatten_step_outputs
 from ._inputs import check_scalar_loss, check_traces
 from ._one_step import unflatten_grads
@@ -45,10 +46,10 @@ def _inexact(dtype) -> bool:
 
 
 def _layout(graph: ETraceGraph, params):
-    """The inexact weight leaves (indices, shapes), the inexact state leaves (the same), and the
+    """The trainable weight leaves (indices, shapes), the inexact state leaves (the same), and the
     dtype the influence matrix is kept in."""
     weights = flatten_weights(graph, params)
-    w_index = [i for i, w in enumerate(weights) if _inexact(w.dtype)]
+    w_index = [i for i, ok in enumerate(trainable_mask(graph)) if ok]
     avals = graph.module_info.hidden_avals
     h_index = [i for i, a in enumerate(avals) if _inexact(a.dtype)]
     dtypes = [weights[i].dtype for i in w_index] + [avals[i].dtype for i in h_index]

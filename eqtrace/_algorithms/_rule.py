@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
+from jaxtyping import Array, PyTree
 
 from .._compiler import ETraceGraph, HiddenParamOpRelation
 
@@ -27,20 +28,29 @@ class AbstractOnlineAlgorithm(eqx.Module):
     exact: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def init(self, graph: ETraceGraph, params, state):
+    def init(self, graph: ETraceGraph, params: PyTree, state: PyTree) -> PyTree:
         """The rule's traces before the first step, carrying the hidden `state`.
 
         **Arguments:**
 
         - `graph`: the model's [`eqtrace.ETraceGraph`][].
-        - `params`: the model (or its array part from `eqx.partition`).
+        - `params`: the model, or its array part `eqx.filter(model, eqx.is_array)`, frozen leaves
+          included (the graph's `filter_spec` says which are frozen: they get no trace).
         - `state`: the initial hidden state pytree (with a leading batch axis under `jax.vmap`).
         """
 
     @abc.abstractmethod
     def step(
-        self, graph: ETraceGraph, params, traces, x, target, loss_fn: Callable, *, batched: bool = False
-    ):
+        self,
+        graph: ETraceGraph,
+        params: PyTree,
+        traces: PyTree,
+        x: PyTree,
+        target: PyTree,
+        loss_fn: Callable,
+        *,
+        batched: bool = False,
+    ) -> tuple[PyTree, PyTree, Array, PyTree]:
         """Advance the traces by one step.
 
         **Arguments:**
@@ -56,7 +66,7 @@ class AbstractOnlineAlgorithm(eqx.Module):
 
         `(traces, y, loss, grads)`: the new traces, the model's output, $L_t$, and this step's
         contribution to $\\nabla_\\theta \\sum_t L_t$ in the structure of
-        `eqx.filter(params, eqx.is_inexact_array)`.
+        `eqx.filter(params, eqx.is_inexact_array)`, `None` at the graph's frozen leaves.
         """
 
     @abc.abstractmethod

@@ -130,8 +130,16 @@ class UORO(AbstractOnlineAlgorithm):
             raise ValueError("`UORO` steps one example at a time: `jax.vmap` it over a batch.")
         check_traces(traces, UOROTraces, _zero_traces, graph, params)
         step = flat_step(graph, params, x, traces.state, target, loss_fn)
-        (new_h, loss), linear, outs = jax.linearize(step.run, step.w_flat, step.h_flat, has_aux=True)
-        pullback = jax.linear_transpose(linear, step.w_flat, step.h_flat)
+        if graph.module_info.forward_differentiable:
+            (new_h, loss), linear, outs = jax.linearize(step.run, step.w_flat, step.h_flat, has_aux=True)
+            pullback = jax.linear_transpose(linear, step.w_flat, step.h_flat)
+            j_h = lambda t: linear(jnp.zeros_like(step.w_flat), t)[0]  # noqa: E731
+        else:
+            # A `jax.custom_vjp` function in the step has no JVP: `J_h` row by row, in reverse mode.
+            (new_h, loss), pullback, outs = jax.vjp(step.run, step.w_flat, step.h_flat, has_aux=True)
+            zero_loss = jnp.zeros((), loss.dtype)
+            rows = jax.vmap(lambda e: pullback((e, zero_loss))[1])(jnp.eye(new_h.size, dtype=new_h.dtype))
+            j_h = lambda t: rows @ t  # noqa: E731
         key, sub = jax.random.split(traces.key)
         nu = jax.random.rademacher(sub, new_h.shape, new_h.dtype)
         h_tilde, theta_tilde = traces.h_tilde, traces.theta_tilde
@@ -141,7 +149,7 @@ class UORO(AbstractOnlineAlgorithm):
         (d_w, d_h) = jax.vmap(pullback)((ct_h, ct_loss))
         grad = d_w[0] + jnp.dot(d_h[0], h_tilde) * theta_tilde
         nu_j_theta = d_w[1]
-        j_h_tilde, _ = linear(jnp.zeros_like(step.w_flat), h_tilde)
+        j_h_tilde = j_h(h_tilde)
         norm = jnp.linalg.norm
         rho0 = jnp.sqrt(norm(theta_tilde) / (norm(j_h_tilde) + self.eps)) + self.eps
         rho1 = jnp.sqrt(norm(nu_j_theta) / (norm(nu) + self.eps)) + self.eps

@@ -8,13 +8,17 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from jaxtyping import PyTree
 
 from .._jax_internals import Var
 from .._ops import etp_op_of
 from ._dataflow import hidden_dependencies
 from ._evaluate import inline_eval
+from ._flow import calls_custom_vjp
+from ._freeze import freeze, frozen_paths
 from ._graph import ETraceGraph, HiddenPerturbation, ModuleInfo, Path
 from ._hidden_groups import find_hidden_groups
+from ._infer import infer_operations
 from ._relations import find_relations
 
 
@@ -162,7 +166,14 @@ def _trace(model, x, state):
     return flat, in_treedef, static, out_treedef, out_static
 
 
-def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
+def compile_etrace_graph(
+    model: PyTree,
+    x: PyTree,
+    state: PyTree = None,
+    *,
+    filter_spec: PyTree = eqx.is_inexact_array,
+    infer_etp_ops: bool = True,
+) -> ETraceGraph:
     """Trace one step of `model` and compile its eligibility-trace graph.
 
     Call it once, outside `jit`; the graph is immutable and hashable, so it can be passed to
@@ -174,6 +185,13 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
       Its inexact-array leaves are the trainable weights.
     - `x`: one step's input (an array or pytree of arrays), unbatched.
     - `state`: the hidden state pytree; `model.init_state()` when omitted.
+    - `filter_spec`: which leaves are trained, as for `eqx.partition(model, filter_spec)`: a
+      callable or a pytree of bools (a prefix of `model`'s structure). The inexact leaves it leaves
+      out are frozen (`graph.frozen_weights`): no rule keeps a trace for them or computes their
+      gradient, which is `None`. Default: every inexact array.
+    - `infer_etp_ops`: recognise the trainable operations of untagged layers (`eqx.nn.Linear`,
+      `eqx.nn.GRUCell`, `jnp.matmul`, `a * h`, ...) as ETP operations, shown as *inferred* in the
+      graph; explicit tags take precedence. `False`: only tagged operations are traced.
 
     **Returns:**
 
@@ -192,12 +210,15 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
         state = model.init_state()
     with naming_state_mismatch(model, state):
         flat, in_treedef, static, out_treedef, out_static = _trace(model, x, state)
-    jaxpr = flat.jaxpr
 
     weight_paths = _paths(eqx.filter(model, eqx.is_array))
     input_paths = _paths(x)
     hidden_paths = _paths(state)
     n_w, n_x, n_h = len(weight_paths), len(input_paths), len(hidden_paths)
+    inferred = frozenset()
+    if infer_etp_ops:
+        flat, inferred = infer_operations(flat, n_w, n_h)
+    jaxpr = flat.jaxpr
     weight_vars = jaxpr.invars[:n_w]
     hidden_in = jaxpr.invars[n_w + n_x :]
     num_outputs = len(jaxpr.outvars) - n_h
@@ -209,9 +230,16 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
 
     if not any(etp_op_of(e.primitive) is not None for e in jaxpr.eqns):
         raise ValueError(
-            "The model uses no ETP operation, so no weight can be trained online. Build its layers "
-            "from `eqtrace.nn` (e.g. `eqtrace.nn.Linear`) or call `eqtrace.matmul`, `eqtrace.conv` "
-            "or `eqtrace.element_wise` on the weights in its `__call__`."
+            "The model uses no ETP operation"
+            + (
+                " and none could be inferred (no weight goes through a matrix product or convolution, "
+                "or reaches a hidden state position by position)"
+                if infer_etp_ops
+                else " (and `infer_etp_ops=False`)"
+            )
+            + ", so no weight can be trained online. Build its layers from `eqtrace.nn` (e.g. "
+            "`eqtrace.nn.Linear`) or call `eqtrace.matmul`, `eqtrace.conv` or `eqtrace.element_wise` "
+            "on the weights in its `__call__`."
         )
     weight_index = {v: i for i, v in enumerate(weight_vars)}
     for path, v in zip(hidden_paths, hidden_out):
@@ -239,7 +267,7 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
 
     groups = find_hidden_groups(jaxpr, hidden_in, hidden_out, hidden_paths, hidden_avals, traced)
     relations, excluded, partly = find_relations(
-        jaxpr, weight_vars, weight_paths, hidden_out, hidden_paths, traced, groups
+        jaxpr, weight_vars, weight_paths, hidden_out, hidden_paths, traced, groups, inferred=inferred
     )
 
     perturb = None
@@ -264,9 +292,10 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
         input_avals=input_avals,
         hidden_avals=hidden_avals,
         num_outputs=num_outputs,
+        forward_differentiable=not calls_custom_vjp(jaxpr),
     )
     hid_path_to_group = {p: g for g in groups for p in g.hidden_paths}
-    return ETraceGraph(
+    graph = ETraceGraph(
         module_info=module_info,
         hidden_groups=tuple(groups),
         hid_path_to_group=types.MappingProxyType(hid_path_to_group),
@@ -276,3 +305,4 @@ def compile_etrace_graph(model, x, state=None) -> ETraceGraph:
         hidden_perturb=perturb,
         untraced_hidden_paths=tuple(p for i, p in enumerate(hidden_paths) if i not in traced),
     )
+    return freeze(graph, frozen_paths(model, filter_spec))

@@ -2,74 +2,50 @@
 
 from collections.abc import Sequence
 
-from .._jax_internals import closed_call_body, custom_call_body, ELEMENTWISE, Literal, Var
+from .._jax_internals import Literal, Var
 from .._ops import etp_op_of
+from ._flow import equation_flow, propagate, shape as shape
 
 
 ETP, EW, MIX = 1, 2, 3  # how a value reaches another: via another ETP op < element-wise < mixing
 
 
-def shape(v) -> tuple[int, ...]:
-    return tuple(v.aval.shape)
-
-
-def _body_is_elementwise(closed) -> bool:
-    for eqn in closed.jaxpr.eqns:
-        if not _eqn_is_elementwise(eqn):
-            return False
-    return True
-
-
-def _eqn_is_elementwise(eqn) -> bool:
-    if eqn.primitive in ELEMENTWISE:
-        return True
-    body = custom_call_body(eqn) or closed_call_body(eqn)
-    return body is not None and _body_is_elementwise(body)
-
-
-def _operand_is_position_wise(eqn, var) -> bool:
-    """Whether output position `i` of `eqn` depends on `var` at position `i` only."""
-    return _eqn_is_elementwise(eqn) and all(shape(var) == shape(o) for o in eqn.outvars)
-
-
 def hidden_dependencies(jaxpr, hidden_vars: Sequence[Var]) -> dict:
     """For every variable, the hidden inputs it depends on when ETP outputs are held fixed, each
     with a flag: `True` if every such path is position-wise."""
-    deps: dict = {v: {i: True} for i, v in enumerate(hidden_vars)}
-    for eqn in jaxpr.eqns:
-        out: dict[int, bool] = {}
-        if etp_op_of(eqn.primitive) is None:
-            for v in eqn.invars:
-                if isinstance(v, Literal) or v not in deps:
-                    continue
-                pw = _operand_is_position_wise(eqn, v)
-                for h, flag in deps[v].items():
-                    out[h] = out.get(h, True) and flag and pw
-        for o in eqn.outvars:
-            if out:
-                deps[o] = out
-    return deps
+    deps = propagate(
+        jaxpr, {v: {i: True} for i, v in enumerate(hidden_vars)}, [len(shape(v)) for v in hidden_vars]
+    )
+    # Position-wise between values of one shape only (a flow may add leading axes on the way).
+    return {
+        o: {i: flag and shape(o) == shape(hidden_vars[i]) for i, flag in d.items()} for o, d in deps.items()
+    }
 
 
 def reach(jaxpr, start: int) -> dict:
     """How the output of equation `start` reaches every later variable (`ETP`, `EW` or `MIX`)."""
-    kind = {eqn_out: EW for eqn_out in jaxpr.eqns[start].outvars}
+    [y] = jaxpr.eqns[start].outvars
+    kind = {y: EW}
     for eqn in jaxpr.eqns[start + 1 :]:
-        k_out = 0
+        if not any(not isinstance(v, Literal) and v in kind for v in eqn.invars):
+            continue
         is_etp = etp_op_of(eqn.primitive) is not None
-        for v in eqn.invars:
-            if isinstance(v, Literal) or v not in kind:
-                continue
-            k = kind[v]
-            if is_etp:
-                k = ETP  # the op's input is cut: what happened before it no longer matters
-            elif k == EW and not _operand_is_position_wise(eqn, v):
-                k = MIX
-            k_out = max(k_out, k)
-        if k_out:
-            for o in eqn.outvars:
+        for o, edges in zip(eqn.outvars, equation_flow(eqn, len(shape(y)))):
+            k_out = 0
+            for j, pw in edges.items():
+                v = eqn.invars[j]
+                if isinstance(v, Literal) or v not in kind:
+                    continue
+                k = kind[v]
+                if is_etp:
+                    k = ETP  # the op's input is cut: what happened before it no longer matters
+                elif k == EW and not pw:
+                    k = MIX
+                k_out = max(k_out, k)
+            if k_out:
                 kind[o] = k_out
-    return kind
+    # Element-wise between values of one shape only (a flow may add leading axes on the way).
+    return {v: MIX if k == EW and shape(v) != shape(y) else k for v, k in kind.items()}
 
 
 def weight_dependencies(jaxpr, weight_vars: Sequence[Var]) -> dict:

@@ -37,12 +37,35 @@ def _etp_ops_inside(eqn) -> list[str]:
     return found
 
 
+def _loops_around_etp_ops(eqn) -> list[str]:
+    """The loops and branches inside or at `eqn` that hold an ETP operation, outermost first."""
+    names = [eqn.primitive.name] if eqn.primitive in CONTROL_FLOW and _etp_ops_inside(eqn) else []
+    for sub in _sub_jaxprs(eqn):
+        for inner in sub.jaxpr.eqns:
+            inside = _loops_around_etp_ops(inner)
+            names += [n for n in inside if n not in names]
+    return names
+
+
 def _refuse(eqn, found: list[str]) -> ValueError:
     """The error for ETP operations inside an equation that eqtrace cannot inline."""
     ops = ", ".join(sorted(set(found)))
     at = source_location(eqn)
-    where = f"An ETP operation ({ops}) is used inside `{eqn.primitive.name}`" + (f" at {at}" if at else "")
-    where += " within the step."
+    loops = _loops_around_etp_ops(eqn)
+    inside = " inside ".join(f"`{n}`" for n in reversed(loops))
+    if loops and eqn.primitive.name not in loops:
+        inside += f" inside `{eqn.primitive.name}`"
+    where = f"An ETP operation ({ops}) is used inside {inside or f'`{eqn.primitive.name}`'}"
+    where += (f" at {at}" if at else "") + " within the step."
+    if loops:
+        return ValueError(
+            f"{where} The online rules record each ETP operation's operands and hold its output fixed "
+            "once per step, which cannot be done inside a loop or a branch (an ODE solve runs its "
+            "vector field in a loop). Apply the operation before the loop and pass its output in: for "
+            "`diffrax.diffeqsolve`, compute `eqtrace.matmul(x, w)` (or `eqtrace.element_wise(...)`) "
+            "before the solve and pass it through `args` or a closure; for `lax.cond`/`lax.switch`, "
+            "compute it before and pass it to the branches. Plain `jnp` operations inside are fine."
+        )
     if eqn.primitive in CUSTOM_CALLS:
         return ValueError(
             f"{where} That is a function with a custom derivative (`jax.custom_jvp` or "
@@ -52,11 +75,6 @@ def _refuse(eqn, found: list[str]) -> ValueError:
             "ETP operation outside it, as the surrogate spike functions of `eqtrace.nn` do: "
             "`spike(eqtrace.matmul(x, w))` with `spike` a `jax.custom_jvp`, not a custom rule around "
             "`eqtrace.matmul`."
-        )
-    if eqn.primitive in CONTROL_FLOW:
-        return ValueError(
-            f"{where} eqtrace traces one time step: move the loop out of the model's `__call__` (the "
-            "drivers scan over time), or use plain `jnp` operations inside the loop."
         )
     return ValueError(f"{where} ETP operations must stand in the step itself or in `jax.jit` calls.")
 

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import types
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,8 @@ from .._jax_internals import ClosedJaxpr, Primitive, Var
 
 
 Path = tuple[str | int, ...]
+# `jax.tree_util.PyTreeDef`, which static type checkers cannot resolve (it comes from jaxlib).
+TreeDef = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,19 +32,23 @@ class ModuleInfo:
     - `in_treedef`, `in_static`: how to split `(model, x, state)` into those leaves (see `flatten`).
     - `out_treedef`, `out_static`: how to rebuild `(y, new_state)` from the outputs.
     - `input_avals`, `hidden_avals`: shapes and dtypes of `x` and `state` as compiled.
+    - `forward_differentiable`: `False` when the step calls a `jax.custom_vjp` function (such as an
+      ODE solve with Diffrax's default adjoint), which forward-mode autodiff cannot differentiate:
+      the rules then linearise the step in reverse mode.
     """
 
     closed_jaxpr: ClosedJaxpr
     weight_paths: tuple[Path, ...]
     input_paths: tuple[Path, ...]
     hidden_paths: tuple[Path, ...]
-    in_treedef: jax.tree_util.PyTreeDef
-    in_static: object
-    out_treedef: jax.tree_util.PyTreeDef
+    in_treedef: TreeDef
+    in_static: tuple
+    out_treedef: TreeDef
     out_static: object
     input_avals: tuple[jax.ShapeDtypeStruct, ...]
     hidden_avals: tuple[jax.ShapeDtypeStruct, ...]
     num_outputs: int
+    forward_differentiable: bool = True
 
     @property
     def num_weights(self) -> int:
@@ -113,6 +120,11 @@ class HiddenParamOpRelation:
       `None` (the input, or a weight computed within the step).
     - `input_aval`: the shape and dtype of the operation's input `x` (`None` for an operation without
       one, such as `eqtrace.element_wise`).
+    - `position_pad`: for an operation that reads a part of its weight (one gate of a fused
+      `W @ x` that is then split), per weight axis the `(before, after)` entries outside that part;
+      per-position quantities act on the trace padded with zeros there. `()`: the whole weight.
+    - `inferred`: `True` when the compiler found the operation in an untagged model
+      (`compile_etrace_graph(..., infer_etp_ops=True)`), `False` for an explicitly tagged one.
     """
 
     weight_path: Path
@@ -128,6 +140,8 @@ class HiddenParamOpRelation:
     params: Mapping = dataclasses.field(default_factory=dict, compare=False)
     operand_weights: tuple[int | None, ...] = ()
     input_aval: jax.ShapeDtypeStruct | None = None
+    position_pad: tuple[tuple[int, int], ...] = ()
+    inferred: bool = False
 
 
 EXCLUSION_REASONS = types.MappingProxyType(
@@ -202,6 +216,8 @@ class ETraceGraph:
       (`untraced_use`): that use is credited within the rules' exact window only.
     - `untraced_hidden_paths`: states that are not traced (integer states, or states the step passes
       through unchanged).
+    - `frozen_weights`: inexact leaves left out of training by the `filter_spec` the graph was
+      compiled with: in no relation, with no trace and no gradient (`None` in every rule's gradient).
 
     A graph holds a traced JAX program of the model's step, so it is recompiled, not saved: it
     cannot be pickled, and `eqx.tree_serialise_leaves` writes nothing for it (it has no array
@@ -217,6 +233,7 @@ class ETraceGraph:
     hidden_perturb: HiddenPerturbation | None
     partly_traced_weights: tuple[ExcludedWeight, ...] = ()
     untraced_hidden_paths: tuple[Path, ...] = ()
+    frozen_weights: tuple[Path, ...] = ()
 
     def __reduce__(self):
         raise TypeError(

@@ -9,17 +9,27 @@ from .._jax_internals import Literal
 from .._ops import etp_op_of
 from ._dataflow import ETP, EW, MIX, reach, shape, weight_dependencies
 from ._graph import ExcludedWeight, HiddenGroup, HiddenParamOpRelation
+from ._infer import declared_positions
 
 
 _REASON_PRIORITY = ("not_element_wise", "via_other_etp_op", "non_temporal", "weight_to_weight", "no_etp_op")
 
 
 def find_relations(
-    jaxpr, weight_vars, weight_paths, hidden_out, hidden_paths, traced, groups: list[HiddenGroup]
+    jaxpr,
+    weight_vars,
+    weight_paths,
+    hidden_out,
+    hidden_paths,
+    traced,
+    groups: list[HiddenGroup],
+    *,
+    inferred: frozenset = frozenset(),
 ) -> tuple[list[HiddenParamOpRelation], list[ExcludedWeight], list[ExcludedWeight]]:
     """Each ETP equation's weight operands and the groups its output reaches element-wise; every
     other inexact weight leaf with the reason it is in no relation; and the weights in a relation
-    that also reach a hidden state by another, untraced, use."""
+    that also reach a hidden state by another, untraced, use. `inferred`: the indices of the ETP
+    equations that the compiler inferred in an untagged model."""
     group_of = {hidden_paths.index(p): g for g in groups for p in g.hidden_paths}
     weight_index = {v: i for i, v in enumerate(weight_vars)}
     wdeps = weight_dependencies(jaxpr, weight_vars)
@@ -59,6 +69,10 @@ def find_relations(
             elif ew:
                 shapes = [shape(v) for v in eqn.invars]
                 input_axes = op.input_axes(j, shapes, shape(eqn.outvars[0]), eqn.params)
+                pad = ()
+                declared = declared_positions(eqn)
+                if declared is not None:
+                    input_axes, pad = declared
                 relations.append(
                     HiddenParamOpRelation(
                         weight_path=weight_paths[w],
@@ -69,6 +83,7 @@ def find_relations(
                         y_shape=shape(eqn.outvars[0]),
                         position_diagonal=input_axes is not None,
                         input_axes=input_axes or (),
+                        position_pad=pad if any(any(p) for p in pad) else (),
                         weight_index=w,
                         params=types.MappingProxyType(dict(eqn.params)),
                         operand_weights=tuple(
@@ -79,6 +94,7 @@ def find_relations(
                             if op.has_input
                             else None
                         ),
+                        inferred=e in inferred,
                     )
                 )
             elif via_etp:

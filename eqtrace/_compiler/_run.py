@@ -11,6 +11,14 @@ from ._graph import ETraceGraph
 def _check_leaves(name: str, tree, paths, avals) -> list:
     leaves_with_path = jtu.tree_flatten_with_path(eqx.filter(tree, eqx.is_array))[0]
     got_paths = tuple(key_to_path(p) for p, _ in leaves_with_path)
+    if name == "params" and set(got_paths) < set(paths):
+        raise ValueError(
+            f"`params` has no array at {[p for p in paths if p not in got_paths]}: is it the trainable "
+            "part of `eqx.partition(model, filter_spec)`? The step runs the whole model, frozen leaves "
+            "included: pass the model itself as `params`, and freeze leaves with the `filter_spec` of "
+            "`eqtrace.compile_etrace_graph(model, x, state, filter_spec=...)` (or of "
+            "`eqtrace.online_grad`): frozen leaves get no trace and a `None` gradient."
+        )
     if got_paths != tuple(paths):
         raise ValueError(
             f"`{name}` does not have the structure the graph was compiled for: expected array leaves at "

@@ -1,6 +1,6 @@
 """Text, Mermaid and Graphviz renderings of an `ETraceGraph`."""
 
-from ._graph import ETraceGraph, Path
+from ._graph import ETraceGraph, HiddenParamOpRelation, Path
 
 
 def _p(path: Path) -> str:
@@ -9,6 +9,16 @@ def _p(path: Path) -> str:
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _part(graph: ETraceGraph, r: HiddenParamOpRelation) -> str:
+    """`; entries lo:hi of axis a` for a relation whose operation reads a part of its weight."""
+    axes = [a for a, pad in enumerate(r.position_pad) if any(pad)]
+    if not axes:
+        return ""
+    size = graph.module_info.closed_jaxpr.jaxpr.invars[r.weight_index].aval.shape[axes[0]]
+    before, after = r.position_pad[axes[0]]
+    return f"; entries {before}:{size - after} of axis {axes[0]}"
 
 
 def format_graph(graph: ETraceGraph) -> str:
@@ -35,7 +45,8 @@ def format_graph(graph: ETraceGraph) -> str:
     for r in graph.hidden_param_op_relations:
         groups = ", ".join(f"[{g.index}]" for g in r.hidden_groups)
         shared = "" if r.position_diagonal else "  (shared across positions: traced by ES-D-RTRL only)"
-        lines.append(f"  {_p(r.weight_path):<{width}}  --{r.primitive.name}-->  {groups}{shared}")
+        inferred = "  (inferred" + _part(graph, r) + ")" if r.inferred else ""
+        lines.append(f"  {_p(r.weight_path):<{width}}  --{r.primitive.name}-->  {groups}{shared}{inferred}")
     if not graph.hidden_param_op_relations:
         lines.append("  (none)")
     lines += ["", "Weights outside any relation (no trace: exact gradient within the window only)"]
@@ -44,6 +55,9 @@ def format_graph(graph: ETraceGraph) -> str:
         lines.append(f"  {_p(w.weight_path):<{width}}  {w.reason}: {w.detail}")
     if not graph.excluded_weights:
         lines.append("  (none)")
+    if graph.frozen_weights:
+        lines += ["", "Frozen weights (no trace, no gradient)"]
+        lines += [f"  {_p(p)}" for p in graph.frozen_weights]
     if graph.partly_traced_weights:
         lines += ["", "Weights partly traced (a use outside their ETP operations is not traced)"]
         width = max(len(_p(w.weight_path)) for w in graph.partly_traced_weights)
@@ -79,7 +93,8 @@ def _edges(graph: ETraceGraph):
     edges = []
     for r in graph.hidden_param_op_relations:
         w = weights.setdefault(r.weight_path, f"w{len(weights)}")
-        o = ops.setdefault(r.eqn_index, (f"op{len(ops)}", r.primitive.name))[0]
+        name = r.primitive.name + (" (inferred)" if r.inferred else "")
+        o = ops.setdefault(r.eqn_index, (f"op{len(ops)}", name))[0]
         edges.append((w, o))
         for g in r.hidden_groups:
             edges.append((o, f"g{g.index}"))
@@ -93,7 +108,8 @@ def graph_to_mermaid(graph: ETraceGraph) -> str:
     for path, node in weights.items():
         lines.append(f'    {node}["{_p(path)}"]')
     for node, name in ops.values():
-        lines.append(f"    {node}{{{{{name}}}}}")
+        label = f'"{name}"' if " " in name else name  # "(inferred)" is quoted out of Mermaid's syntax
+        lines.append(f"    {node}{{{{{label}}}}}")
     for g in graph.hidden_groups:
         paths = "<br/>".join(_p(p) for p in g.hidden_paths)
         lines.append(f'    g{g.index}(["group {g.index}<br/>{paths}"])')

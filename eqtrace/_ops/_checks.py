@@ -6,7 +6,7 @@ def check_operand(name: str, value, ndim: int | tuple[int, ...] | range, op: str
     ndims = (ndim,) if isinstance(ndim, int) else ndim
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
-    if shape is None or not jnp.issubdtype(dtype, jnp.inexact):
+    if shape is None or dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
             f"`{op}`: `{name}` must be a floating-point array, got {type(value).__name__}"
             + (f" of dtype {dtype}" if dtype is not None else "")

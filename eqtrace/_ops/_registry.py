@@ -8,7 +8,8 @@ from .._jax_internals import make_transparent_primitive, Primitive
 
 @dataclasses.dataclass(frozen=True)
 class EtpOp:
-    """How the compiler and the algorithms see one ETP primitive.
+    """How the compiler and the algorithms see one ETP primitive, as [`eqtrace.register_etp_op`][]
+    makes it. Calling it, `op(*operands, **params)`, binds the primitive.
 
     **Fields:**
 
@@ -19,16 +20,26 @@ class EtpOp:
     - `position_diagonal`: given the unbatched operands' shapes, whether the output's positions are
       exactly the trailing axes of every weight, each output position reading its own weight entries
       only (`x @ W` with a vector `x`; `fn(w)`). Then a weight-shaped trace is exact per position.
+    - `weight_input_axes`: optional, in place of `position_diagonal` for other layouts: given the
+      weight operand's index `j`, the unbatched operands' shapes and the static parameters, the
+      weight's axes that index no output position (its other axes being the output's, in order),
+      or `None` where the weight is shared across positions.
     """
 
     primitive: Primitive
     impl: Callable
     has_input: bool
     position_diagonal: Callable[..., bool]
+    weight_input_axes: Callable[..., tuple[int, ...] | None] | None = None
 
     @property
     def name(self) -> str:
         return self.primitive.name
+
+    def __call__(self, *operands, **params):
+        """Bind the primitive: `op(*operands, **params)` computes `impl(*operands, **params)`, tagged.
+        `params` are static (hashable) values: numbers, strings, tuples, functions."""
+        return self.primitive.bind(*operands, **params)
 
     def weight_operands(self, num_operands: int) -> range:
         return range(1 if self.has_input else 0, num_operands)
@@ -48,23 +59,100 @@ class EtpOp:
         if any(level[j] is None for level in levels):
             return None
         unbatched = [s[sum(level[i] is not None for level in levels) :] for i, s in enumerate(shapes)]
-        if not self.position_diagonal(*unbatched):
-            return None
-        return tuple(range(len(levels), len(shapes[j]) - len(y_shape) + len(levels)))
+        if self.weight_input_axes is None:
+            if not self.position_diagonal(*unbatched):
+                return None
+            axes = tuple(range(len(unbatched[j]) - len(y_shape) + len(levels)))
+        else:
+            static = {k: v for k, v in params.items() if k != "vmap_in_axes"}
+            axes = self.weight_input_axes(j, *unbatched, **static)
+            if axes is None:
+                return None
+            axes = tuple(sorted(int(a) % max(len(unbatched[j]), 1) for a in axes))
+        rest = tuple(d for a, d in enumerate(unbatched[j]) if a not in axes)
+        if rest != tuple(y_shape[len(levels) :]):
+            if self.weight_input_axes is None:
+                return None
+            raise ValueError(
+                f"ETP operation `{self.name}`: weight operand {j} (shape {tuple(unbatched[j])}) with "
+                f"input axes {axes} leaves the axes {rest}, which must be the output's "
+                f"{tuple(y_shape[len(levels) :])} in order; fix the operation's `input_axes`."
+            )
+        return tuple(len(levels) + a for a in axes)
 
 
 _REGISTRY: dict[Primitive, EtpOp] = {}
 
 
 def register_etp_op(
-    name: str, impl: Callable, *, has_input: bool, position_diagonal: Callable[..., bool]
+    name: str,
+    impl: Callable,
+    *,
+    has_input: bool,
+    position_diagonal: Callable[..., bool] | None = None,
+    input_axes: Callable[..., tuple[int, ...] | None] | None = None,
 ) -> EtpOp:
+    r"""Define an ETP operation of one's own: a new JAX primitive that computes `impl`, which
+    [`eqtrace.compile_etrace_graph`][] recognises and every online rule traces.
+
+    The primitive is transparent (the values, derivatives, batching and compiled code of `impl`
+    itself); the rules read the operation through `impl`'s own JVP/VJP, so only the trace layout is
+    declared. Without `position_diagonal` or `input_axes`, every weight counts as shared across the
+    output's positions (as a convolution's kernel): ES-D-RTRL traces it, D-RTRL gives it its exact
+    gradient within the window.
+
+    **Arguments:**
+
+    - `name`: the primitive's name, shown in jaxprs and graphs.
+    - `impl`: the computation, `impl(*operands, **params) -> y`, in plain `jax.numpy`, for unbatched
+      operands (it is `jax.vmap`-ed as needed); any differentiable function of the operands.
+    - `has_input`: whether operand 0 is the (non-trainable) input `x`; the other operands are weights.
+      An input lets ES-D-RTRL keep its low-cost input trace ($\bar x$).
+    - `position_diagonal`: `position_diagonal(*shapes) -> bool`, given the unbatched operands'
+      shapes: whether each output position reads its own entries of every weight, the output's axes
+      being the weights' *trailing* axes (`x @ W` with a vector `x`). Then D-RTRL's weight-shaped
+      trace is exact per position.
+    - `input_axes`: instead of `position_diagonal`, for any other layout:
+      `input_axes(j, *shapes, **params)`, for weight operand `j`, the weight's axes that index no
+      output position (the others must be the output's axes, in order), or `None` where the weight
+      is shared across positions.
+
+    **Returns:**
+
+    The [`eqtrace.EtpOp`][]: call it, `op(*operands, **params)`, to bind the primitive (`params` are
+    static and hashable), and find the primitive as `op.primitive`.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"`register_etp_op`: `name` must be a non-empty string, got {name!r}.")
+    if not callable(impl):
+        raise TypeError(f"`register_etp_op`: `impl` must be callable, got {type(impl).__name__}.")
+    if not isinstance(has_input, bool):
+        raise TypeError(f"`register_etp_op`: `has_input` must be a bool, got {has_input!r}.")
+    if position_diagonal is not None and input_axes is not None:
+        raise ValueError("`register_etp_op`: give `position_diagonal` or `input_axes`, not both.")
+    for arg, value in (("position_diagonal", position_diagonal), ("input_axes", input_axes)):
+        if value is not None and not callable(value):
+            raise TypeError(f"`register_etp_op`: `{arg}` must be callable, got {type(value).__name__}.")
+    if position_diagonal is None:
+        position_diagonal = _never
     primitive, batched_impl = make_transparent_primitive(name, impl)
-    op = EtpOp(primitive, batched_impl, has_input, position_diagonal)
+    op = EtpOp(primitive, batched_impl, has_input, position_diagonal, input_axes)
     _REGISTRY[op.primitive] = op
     return op
+
+
+def _never(*_) -> bool:
+    return False
 
 
 def etp_op_of(primitive: Primitive) -> EtpOp | None:
     """The ETP operation bound by `primitive`, or `None` if it is not an ETP primitive."""
     return _REGISTRY.get(primitive)
+
+
+def etp_op(primitive: Primitive) -> EtpOp:
+    """The ETP operation bound by `primitive`, which must be an ETP primitive (a relation's)."""
+    op = _REGISTRY.get(primitive)
+    if op is None:
+        raise ValueError(f"`{primitive}` is not an ETP primitive: register it with `register_etp_op`.")
+    return op

@@ -1,5 +1,10 @@
-from ._conv import AbstractConv as AbstractConv, Conv1d as Conv1d, Conv2d as Conv2d
+from ._conv import AbstractConv as AbstractConv, Conv1d as Conv1d, Conv2d as Conv2d, Conv3d as Conv3d
+from ._embedding import Embedding as Embedding
+from ._grouped import GroupedLinear as GroupedLinear
 from ._linear import Linear as Linear
+from ._lora import lora_adapters_only as lora_adapters_only, LoRALinear as LoRALinear
+from ._lru import LRU as LRU, LRUState as LRUState
+from ._minimal_cells import MiniGRUCell as MiniGRUCell, MiniLSTMCell as MiniLSTMCell
 from ._neurons import (
     AbstractNeuron as AbstractNeuron,
     ALIF as ALIF,
@@ -24,6 +29,7 @@ from ._rnn_cells import (
     VanillaRNNCell as VanillaRNNCell,
     VanillaRNNState as VanillaRNNState,
 )
+from ._sparse import SparseLinear as SparseLinear
 from ._spiking_layers import (
     AbstractSpikingLayer as AbstractSpikingLayer,
     FeedForwardSpikingLayer as FeedForwardSpikingLayer,

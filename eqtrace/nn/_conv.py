@@ -43,7 +43,8 @@ def _padding(
 class AbstractConv(eqx.Module):
     r"""Unbatched N-d convolution computed by the tagged ETP operation [`eqtrace.conv`][].
 
-    Subclasses fix `num_spatial_dims`: [`eqtrace.nn.Conv1d`][], [`eqtrace.nn.Conv2d`][].
+    Subclasses fix `num_spatial_dims`: [`eqtrace.nn.Conv1d`][], [`eqtrace.nn.Conv2d`][],
+    [`eqtrace.nn.Conv3d`][].
     """
 
     num_spatial_dims: eqx.AbstractClassVar[int]
@@ -137,4 +138,11 @@ class Conv2d(AbstractConv):
     """Two-dimensional convolution: `x` of shape `(in_channels, height, width)`."""
 
     num_spatial_dims = 2
+    __init__ = AbstractConv.__init__
+
+
+class Conv3d(AbstractConv):
+    """Three-dimensional convolution: `x` of shape `(in_channels, depth, height, width)`."""
+
+    num_spatial_dims = 3
     __init__ = AbstractConv.__init__
