@@ -100,6 +100,8 @@ WEIGHT_LAYOUT = SAME_LAYOUT | {
     jex_primitives.slice_p,
 }
 SLICE = jex_primitives.slice_p
+# A weight that reaches the step only through `stop_gradient` is frozen there: nothing is inferred on it.
+STOP_GRADIENT = jex_primitives.stop_gradient_p
 SPLIT = getattr(jax.lax, "split_p", None)
 
 

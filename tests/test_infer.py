@@ -168,6 +168,44 @@ def test_linear_layers_around_untagged_decay_are_exact_per_step():
         previous = total
 
 
+class StoppedDecay(eqx.Module):
+    """`h ← a ⊙ h + sg(a) ⊙ (x @ w_in) + sg(b)`, untagged (`sg`: `stop_gradient`)."""
+
+    w_in: jax.Array
+    a: jax.Array
+    b: jax.Array
+
+    def __call__(self, x, h):
+        sg = jax.lax.stop_gradient
+        h = self.a * h + sg(self.a) * (x @ self.w_in) + sg(self.b)
+        return jnp.tanh(h)[:2], h
+
+
+def test_nothing_is_inferred_through_stop_gradient():
+    """A weight reached only through `stop_gradient` is excluded and keeps no trace; a weight also
+    used directly is traced for that use only. D-RTRL stays exact per step against BPTT."""
+    k = jax.random.split(jax.random.key(4), 4)
+    model = StoppedDecay(
+        jax.random.normal(k[0], (3, 4)), jax.random.uniform(k[1], (4,), minval=0.3, maxval=0.9), jnp.ones(4)
+    )
+    xs, targets = _sequence(k[3], 3, 2, steps=4)
+    state = jnp.zeros(4)
+    graph = eqtrace.compile_etrace_graph(model, xs[0], state)
+    assert sorted(r.weight_path for r in graph.hidden_param_op_relations) == [("a",), ("w_in",)]
+    [b] = [e for e in graph.excluded_weights if e.weight_path == ("b",)]
+    assert b.reason == "stop_gradient" and "stop_gradient" in b.detail
+    step = eqx.filter_jit(eqtrace.d_rtrl_step)
+    traces = eqtrace.d_rtrl_init(graph, model, state)
+    assert len(traces.eps) == 2
+    previous = jax.tree.map(jnp.zeros_like, model)
+    for t in range(len(xs)):
+        traces, _, _, grads = step(graph, model, traces, xs[t], targets[t], mse)
+        total = eqtrace.bptt_grad(model, state, xs[: t + 1], targets[: t + 1], mse)[0]
+        assert_tree_allclose(grads, jax.tree.map(jnp.subtract, total, previous))
+        previous = total
+    assert not bool(jnp.any(grads.b)) and bool(jnp.all(grads.a[:2] != 0))  # read: `h[:2]`
+
+
 def _decay_pair():
     k = jax.random.split(jax.random.key(2), 3)
     w_in, a, w_out = (
@@ -277,6 +315,8 @@ def test_inferred_gru_equals_brute_force_reference_per_step(algorithm):
     if algorithm == "d_rtrl":
         step = eqx.filter_jit(eqtrace.d_rtrl_step)
         traces = eqtrace.d_rtrl_init(graph, model, state)
+        # Each gate's trace holds its own rows of the fused weights only (2 of 6), not the whole.
+        assert {e.shape[0] for e in traces.eps} == {2}
         memory, reference = {}, d_rtrl_reference_step
     else:
         step = eqx.filter_jit(eqtrace.es_d_rtrl_step)

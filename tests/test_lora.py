@@ -60,6 +60,20 @@ def test_layer_values_and_frozen_base():
     assert traced == {("inp", "lora_a"): False, ("inp", "lora_b"): True}
 
 
+def test_frozen_base_is_excluded_without_a_filter_spec():
+    """Without a `filter_spec`, the base still enters through `stop_gradient` only: it is in no
+    relation (no trace), excluded as `stop_gradient`, and its gradient is zero as BPTT's."""
+    model, h0 = _model()
+    xs, targets = _normal(11, 3, 3), _normal(12, 3, 2)
+    graph = eqtrace.compile_etrace_graph(model, xs[0], h0)
+    assert {r.weight_path for r in graph.hidden_param_op_relations} == {("inp", "lora_a"), ("inp", "lora_b")}
+    reasons = {e.weight_path: e.reason for e in graph.excluded_weights}
+    assert reasons[("inp", "weight")] == reasons[("inp", "bias")] == "stop_gradient"
+    check = eqtrace.check_gradient(model, h0, xs, targets, mse, graph=graph, verbose=False)
+    for path in [("inp", "weight"), ("inp", "bias")]:
+        assert check[path].reason == "stop_gradient" and check[path].norm == check[path].norm_bptt == 0.0
+
+
 def test_d_rtrl_traces_b_exactly_per_step():
     """`B` is position-diagonal: its D-RTRL gradient equals BPTT's at every step."""
     model, h0 = _model()

@@ -32,8 +32,9 @@ class DRTRLTraces(eqx.Module):
     **Fields:**
 
     - `state`: the model's hidden state pytree.
-    - `eps`: one trace per traced (relation, hidden group) pair, shaped `weight.shape + (S,)`;
-      with `window=K > 1`, at the window's anchor, `K - 1` steps behind `state`.
+    - `eps`: one trace per traced (relation, hidden group) pair, shaped `weight.shape + (S,)`, or
+      where the relation's operation reads a part of its weight (one gate of a fused weight), that
+      part's shape `+ (S,)`; with `window=K > 1`, at the window's anchor, `K - 1` steps behind `state`.
     - `buffer`: the [`eqtrace.WindowBuffer`][] of a window `K > 1`, else `None`.
     - `window`: the rule's window `K` (static; `0`: the learning signal through the per-position
       diagonal only).
@@ -77,8 +78,9 @@ def d_rtrl_init(graph: ETraceGraph, params: PyTree, state: PyTree, *, window: in
     flat_w = flatten_weights(graph, params)
     eps = []
     for r, g in traced_pairs(graph):
-        w = flat_w[graph.hidden_param_op_relations[r].weight_index]
-        eps.append(jnp.zeros(w.shape + (graph.hidden_groups[g].num_state,), w.dtype))
+        rel = graph.hidden_param_op_relations[r]
+        w = flat_w[rel.weight_index]
+        eps.append(jnp.zeros(trace_shape(rel, w.shape) + (graph.hidden_groups[g].num_state,), w.dtype))
     return DRTRLTraces(state=state, eps=tuple(eps), buffer=buffer, window=window)
 
 
@@ -94,28 +96,40 @@ def instant_trace(primitive, params: Mapping, operands: list, j: int, d_f: jax.A
     return jax.vmap(lambda ct: vjp(ct)[0], in_axes=-1, out_axes=-1)(d_f)
 
 
+def trace_shape(rel: HiddenParamOpRelation, w_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The weight axes of `rel`'s trace: the weight's shape, or that of the part its operation
+    reads (the other entries of the weight do not reach the operation's output)."""
+    pad = rel.position_pad or ((0, 0),) * len(w_shape)
+    return tuple(n - lo - hi for n, (lo, hi) in zip(w_shape, pad))
+
+
+def _part(rel: HiddenParamOpRelation, whole: jax.Array) -> jax.Array:
+    """A weight-shaped array (`weight.shape + tail`) restricted to the part `rel` reads."""
+    if not rel.position_pad:
+        return whole
+    pad = rel.position_pad + ((0, 0),) * (whole.ndim - len(rel.position_pad))
+    return jax.lax.slice(whole, [lo for lo, _ in pad], [n - hi for n, (_, hi) in zip(whole.shape, pad)])
+
+
 def in_weight_layout(rel: HiddenParamOpRelation, per_position: jax.Array) -> jax.Array:
     """A per-position array (`varshape + tail`) laid out as the weight's trace: broadcastable along
-    the weight's input axes, and zero outside the part of the weight the operation reads."""
-    per_position = jnp.expand_dims(per_position, rel.input_axes)
-    if rel.position_pad:
-        tail = ((0, 0),) * (per_position.ndim - len(rel.position_pad))
-        per_position = jnp.pad(per_position, rel.position_pad + tail)
-    return per_position
+    the weight's input axes."""
+    return jnp.expand_dims(per_position, rel.input_axes)
 
 
 def contract(rel: HiddenParamOpRelation, signal: jax.Array, trace: jax.Array) -> jax.Array:
-    """`Σ_{n,c} signal[n, c] trace[..., n, c]`: a per-position signal (`varshape + (S,)`) against a
-    weight-shaped trace, broadcast along the weight's input axes."""
+    """`Σ_{n,c} signal[n, c] trace[..., n, c]`, weight-shaped (zero outside the part `rel` reads): a
+    per-position signal (`varshape + (S,)`) against a trace, broadcast along the weight's input axes."""
     signal = in_weight_layout(rel, signal)
-    return jnp.sum(jnp.broadcast_to(signal, trace.shape) * trace, axis=-1)
+    part = jnp.sum(jnp.broadcast_to(signal, trace.shape) * trace, axis=-1)
+    return jnp.pad(part, rel.position_pad) if rel.position_pad else part
 
 
 def trace_update(rel: HiddenParamOpRelation, g: int, lin, eps: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The new trace of `rel` and group `g` in two parts: the past carried through the blocks,
     `D ε`, and this step's `∂h_t/∂W`."""
     operands, d_f = lin.operands[rel.eqn_index], lin.d_f[rel.eqn_index][g]
-    instant = instant_trace(rel.primitive, rel.params, operands, rel.operand_index, d_f)
+    instant = _part(rel, instant_trace(rel.primitive, rel.params, operands, rel.operand_index, d_f))
     return apply_blocks(in_weight_layout(rel, lin.d_total[g]), eps), instant
 
 

@@ -19,7 +19,7 @@ import jax.tree_util as jtu
 
 from .._compiler import ETraceGraph, HiddenParamOpRelation
 from .._compiler._run import flatten_weights
-from ._d_rtrl import contract, in_weight_layout, trace_update, traced_pairs
+from ._d_rtrl import contract, in_weight_layout, trace_shape, trace_update, traced_pairs
 from ._inputs import check_traces
 from ._one_step import apply_blocks, linearise_step, unflatten_grads
 from ._rule import AbstractOnlineAlgorithm
@@ -32,7 +32,7 @@ class EPropTraces(eqx.Module):
 
     - `state`: the model's hidden state pytree.
     - `eps`: D-RTRL's traces (as in [`eqtrace.DRTRLTraces`][]), one per traced (relation, hidden
-      group) pair, shaped `weight.shape + (S,)`, at the current step.
+      group) pair, shaped as D-RTRL's (`weight.shape + (S,)`), at the current step.
     - `filtered`: with `kappa`, the low-pass filtered traces $\\bar\\epsilon$ (shaped as `eps`); else
       `None`.
     - `feedback`: with random feedback, the fixed matrix $B$ (shaped as the readout weight); else
@@ -80,8 +80,9 @@ def _eprop_init(
         )
     eps = []
     for r, g in traced_pairs(graph):
-        w = flat_w[graph.hidden_param_op_relations[r].weight_index]
-        eps.append(jnp.zeros(w.shape + (graph.hidden_groups[g].num_state,), w.dtype))
+        rel = graph.hidden_param_op_relations[r]
+        w = flat_w[rel.weight_index]
+        eps.append(jnp.zeros(trace_shape(rel, w.shape) + (graph.hidden_groups[g].num_state,), w.dtype))
     feedback = None
     if feedback_seed is not None:
         w = flat_w[_readout_index(graph, flat_w)]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from .._compiler import ETraceGraph, evaluate, HiddenParamOpRelation
 from .._compiler._run import flatten_step_inputs, flatten_weights
 from .._ops import etp_op
-from ._d_rtrl import contract, trace_update, traced_pairs
+from ._d_rtrl import contract, trace_shape, trace_update, traced_pairs
 from ._inputs import check_traces
 from ._one_step import linearise_step, unflatten_grads
 from ._rule import AbstractOnlineAlgorithm
@@ -32,9 +32,9 @@ class OSTLTraces(eqx.Module):
     **Fields:**
 
     - `state`: the model's hidden state pytree.
-    - `eps`: one trace per traced (relation, hidden group) pair: D-RTRL's, `weight.shape + (S,)`,
-      or with `recurrent`, the influence of the weight on every position of the group,
-      `weight.shape + varshape + (S,)`.
+    - `eps`: one trace per traced (relation, hidden group) pair: D-RTRL's, `weight.shape + (S,)`
+      (see [`eqtrace.DRTRLTraces`][]), or with `recurrent`, the influence of the weight on every
+      position of the group, `weight.shape + varshape + (S,)`.
     - `recurrent`: the rule's option (static).
     """
 
@@ -53,9 +53,11 @@ def _ostl_init(graph: ETraceGraph, params, state, *, recurrent: bool = False) ->
     flat_w = flatten_weights(graph, params)
     eps = []
     for r, g in _pairs(graph, recurrent):
-        w, group = flat_w[graph.hidden_param_op_relations[r].weight_index], graph.hidden_groups[g]
-        positions = group.varshape if recurrent else ()
-        eps.append(jnp.zeros(w.shape + positions + (group.num_state,), w.dtype))
+        rel, group = graph.hidden_param_op_relations[r], graph.hidden_groups[g]
+        w = flat_w[rel.weight_index]
+        # D-RTRL's trace (of the part the operation reads), or the full influence on the group.
+        shape = w.shape + group.varshape if recurrent else trace_shape(rel, w.shape)
+        eps.append(jnp.zeros(shape + (group.num_state,), w.dtype))
     return OSTLTraces(state=state, eps=tuple(eps), recurrent=recurrent)
 
 

@@ -122,7 +122,7 @@ class HiddenParamOpRelation:
       one, such as `eqtrace.element_wise`).
     - `position_pad`: for an operation that reads a part of its weight (one gate of a fused
       `W @ x` that is then split), per weight axis the `(before, after)` entries outside that part;
-      per-position quantities act on the trace padded with zeros there. `()`: the whole weight.
+      the rules' traces hold that part only. `()`: the whole weight.
     - `inferred`: `True` when the compiler found the operation in an untagged model
       (`compile_etrace_graph(..., infer_etp_ops=True)`), `False` for an explicitly tagged one.
     """
@@ -167,8 +167,8 @@ class ExcludedWeight:
     **Fields:**
 
     - `weight_path`: key path of the leaf in the model.
-    - `reason`: one of `no_etp_op`, `weight_to_weight`, `non_temporal`, `via_other_etp_op`,
-      `not_element_wise`; or, for a weight that is partly traced, `untraced_use`.
+    - `reason`: one of `no_etp_op`, `stop_gradient`, `weight_to_weight`, `non_temporal`,
+      `via_other_etp_op`, `not_element_wise`; or, for a weight that is partly traced, `untraced_use`.
     - `detail`: a sentence that names the operation(s) involved.
     """
 

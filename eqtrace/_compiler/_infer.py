@@ -7,6 +7,8 @@ On the step's flat jaxpr:
   linear operation whose weight operand is the leaf itself (`eqtrace.matmul` where it is `x @ W`);
 - a weight leaf used only element-wise on its way to a hidden state (`a * h`, `exp(-dt / tau)`)
   becomes `eqtrace.element_wise(w)`;
+- nothing is inferred through `stop_gradient`: a weight that reaches the hidden state only through
+  it (the frozen base of a LoRA layer) has no gradient there, so it keeps no trace;
 - an output that is only split into parts (the gates of a fused `W @ x`, `jnp.split(lin, 4)`) is
   computed part by part, each part reading its own rows of the weight: the split then no longer mixes
   positions, and each part is an operation of its own with position-wise output.
@@ -33,6 +35,7 @@ from .._jax_internals import (
     SAME_LAYOUT,
     SLICE,
     SPLIT,
+    STOP_GRADIENT,
     TRANSPOSE,
     Var,
     WEIGHT_LAYOUT,
@@ -219,7 +222,7 @@ def _reaches_hidden_element_wise(jaxpr, var, stops: set, cuts: dict, hidden: lis
     (a split counts as position-wise where its operand is computed part by part)."""
     mixed: dict = {var: False}
     for eqn in jaxpr.eqns:
-        if id(eqn) in stops or etp_op_of(eqn.primitive) is not None:
+        if id(eqn) in stops or eqn.primitive is STOP_GRADIENT or etp_op_of(eqn.primitive) is not None:
             continue
         got = None
         for v in eqn.invars:
@@ -320,8 +323,13 @@ def infer_operations(closed: ClosedJaxpr, num_weights: int, num_hidden: int) -> 
             cut = cuts.get(out) if len(eqn.outvars) == 1 and isinstance(out, Var) else None
             if id(eqn) in dots:
                 outs = [_bind_dot(eqn, *dots[id(eqn)], read, cut, tag)]
-            elif eqn.primitive in ELEMENTWISE and any(
-                isinstance(v, Var) and (v in element_wise or isinstance(env[v], _Parts)) for v in eqn.invars
+            elif (
+                eqn.primitive in ELEMENTWISE
+                and eqn.primitive is not STOP_GRADIENT
+                and any(
+                    isinstance(v, Var) and (v in element_wise or isinstance(env[v], _Parts))
+                    for v in eqn.invars
+                )
             ):
                 if cut is not None:
                     axis, bounds = cut

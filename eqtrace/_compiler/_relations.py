@@ -5,7 +5,7 @@ import types
 import jax
 import jax.numpy as jnp
 
-from .._jax_internals import Literal
+from .._jax_internals import Literal, STOP_GRADIENT, Var, WEIGHT_LAYOUT
 from .._ops import etp_op_of
 from ._dataflow import ETP, EW, MIX, reach, shape, weight_dependencies
 from ._graph import ExcludedWeight, HiddenGroup, HiddenParamOpRelation
@@ -120,6 +120,10 @@ def find_relations(
     for w, path in enumerate(weight_paths):
         if path in in_relation or not jnp.issubdtype(weight_vars[w].aval.dtype, jnp.inexact):
             continue
+        if _only_through_stop_gradient(jaxpr, weight_vars[w]):
+            detail = "enters the step only through stop_gradient: its gradient is zero"
+            excluded.append(ExcludedWeight(path, "stop_gradient", detail))
+            continue
         if w not in used:
             excluded.append(ExcludedWeight(path, "no_etp_op", "used by no ETP operation"))
             continue
@@ -147,3 +151,18 @@ def _untraced_use(jaxpr, var, traced_uses: set, hidden_vars: list) -> str | None
         f"also used by `{name}` (equation {e}), outside its traced ETP operation(s): that path to the "
         "hidden state is credited within the window only"
     )
+
+
+def _only_through_stop_gradient(jaxpr, var) -> bool:
+    """Whether every use of the weight `var` (after layout-only operations) is a `stop_gradient`."""
+    layout, stopped = {var}, False
+    for eqn in jaxpr.eqns:
+        if not any(isinstance(v, Var) and v in layout for v in eqn.invars):
+            continue
+        if eqn.primitive is STOP_GRADIENT:
+            stopped = True
+        elif eqn.primitive in WEIGHT_LAYOUT and len(eqn.invars) == 1:
+            layout.update(eqn.outvars)
+        else:
+            return False
+    return stopped and not any(isinstance(v, Var) and v in layout for v in jaxpr.outvars)
