@@ -3,7 +3,7 @@
 Three models are compiled into an `eqtrace.ETraceGraph` and inspected: a single-layer RNN, two
 stacked GRUs, and a convolution feeding an RNN; a fourth, with a delay line and a weight used both
 inside and outside an ETP operation, shows what the graph reports beyond the tutorial. See
-`docs/tutorials/graph-compilation.md`.
+`docs/tutorials/graph-compilation.ipynb` (the same code as a notebook).
 
 Run it with `python examples/graph_compilation.py`; `main(small=True)` uses small sizes (for tests).
 """
