@@ -20,11 +20,14 @@ constant learning rate, BPTT learnt the task and then fell back to chance on som
 three seeds.
 
 Run it with `python examples/spiking_evidence.py` (`--algorithm d_rtrl` or `bptt` for the others);
-`main([...])` returns the final test accuracy (for tests). The first progress line's time per step
-includes the one-off JIT compilation.
+`main([...])` returns the final test accuracy (for tests); `--curve FILE` also writes the training
+curve as JSON (`benchmarks/spiking_curves.py` plots three rules over three seeds). The first
+progress line's time per step includes the one-off JIT compilation.
 """
 
 import argparse
+import json
+import pathlib
 import time
 
 import equinox as eqx
@@ -166,6 +169,7 @@ def parse_args(argv=None):
     parser.add_argument("--test-batch", type=int, default=512)
     parser.add_argument("--print-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--curve", default=None, help="write the training curve to this JSON file")
     return parser.parse_args(argv)
 
 
@@ -201,6 +205,7 @@ def main(argv=None):
     initial = float(accuracy(model, test_xs, test_labels))
     print(f"initial test accuracy {initial:.3f}")
     losses, accs = [], []
+    curve = {"step": [], "loss": [], "accuracy": []}  # means over each `--print-every` block
     tic = time.perf_counter()
     for i, key in enumerate(jax.random.split(dkey, args.steps), start=1):
         xs, targets, labels = evidence_batch(key, args.batch, args.inputs, *task)
@@ -211,6 +216,8 @@ def main(argv=None):
             mean_loss = float(jnp.mean(jnp.stack(losses)))
             mean_acc = float(jnp.mean(jnp.stack(accs)))
             toc = time.perf_counter()
+            for name, value in (("step", i), ("loss", mean_loss), ("accuracy", mean_acc)):
+                curve[name].append(value)
             print(
                 f"step {i:5d}  loss {mean_loss:.4f}  accuracy {mean_acc:.3f}  "
                 f"{1e3 * (toc - tic) / len(losses):.1f} ms/step"
@@ -218,6 +225,9 @@ def main(argv=None):
             losses, accs, tic = [], [], toc
     final = float(accuracy(model, test_xs, test_labels))
     print(f"test accuracy {final:.3f} on {args.test_batch} fresh trials (chance {CHANCE:.2f})")
+    if args.curve is not None:
+        record = dict(vars(args), **curve, initial_test_accuracy=initial, test_accuracy=final)
+        pathlib.Path(args.curve).write_text(json.dumps(record, indent=1))
     return final
 
 
