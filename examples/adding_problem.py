@@ -9,11 +9,13 @@ Predicting the mean sum (1.0) gives the trivial baseline: the variance of a sum 
 U(0, 1) values, 1/6 ≈ 0.167. A network that remembers the marked values goes well below it.
 
 Run it with `python examples/adding_problem.py` (`--algorithm bptt` to train with BPTT instead);
-`main(["--steps", "20", ...])` returns the final loss (for tests). The first progress line's time per
-step includes the one-off JIT compilation.
+`main(["--steps", "20", ...])` returns the final loss (for tests); `--curve FILE` also writes the
+training curve as JSON. The first progress line's time per step includes the one-off JIT compilation.
 """
 
 import argparse
+import json
+import pathlib
 import time
 
 import equinox as eqx
@@ -94,6 +96,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--print-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--curve", default=None, help="write the training curve to this JSON file")
     return parser.parse_args(argv)
 
 
@@ -111,6 +114,7 @@ def main(argv=None):
         f"algorithm={args.algorithm}, baseline loss {BASELINE:.3f}"
     )
     window = []
+    curve = {"step": [], "loss": []}  # means over each `--print-every` block
     tic = time.perf_counter()
     for i, key in enumerate(jax.random.split(dkey, args.steps), start=1):
         xs, targets = adding_batch(key, args.batch, args.seq_len)
@@ -119,11 +123,15 @@ def main(argv=None):
         if i % args.print_every == 0 or i == args.steps:
             mean = float(jnp.mean(jnp.stack(window)))
             toc = time.perf_counter()
+            curve["step"].append(i)
+            curve["loss"].append(mean)
             print(
                 f"step {i:5d}  loss {mean:.4f}  (baseline {BASELINE:.3f})  "
                 f"{1e3 * (toc - tic) / len(window):.1f} ms/step"
             )
             window, tic = [], toc
+    if args.curve is not None:
+        pathlib.Path(args.curve).write_text(json.dumps(dict(vars(args), **curve), indent=1))
     return mean
 
 

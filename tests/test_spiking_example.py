@@ -2,6 +2,7 @@
 its test accuracy after training is well above chance (50%), for ES-D-RTRL and D-RTRL."""
 
 import importlib.util
+import json
 import pathlib
 
 import jax
@@ -32,14 +33,20 @@ def _load():
 
 
 @pytest.mark.parametrize("algorithm", ["es_d_rtrl", "d_rtrl"])
-def test_spiking_evidence_learns(capsys, algorithm):
+def test_spiking_evidence_learns(capsys, tmp_path, algorithm):
     example = _load()
     finals = []
     for seed in (0, 1):
-        finals.append(example.main(["--algorithm", algorithm, "--seed", str(seed), *TINY]))
+        curve_file = tmp_path / f"curve-{seed}.json"
+        argv = ["--algorithm", algorithm, "--seed", str(seed), *TINY, "--curve", str(curve_file)]
+        finals.append(example.main(argv))
         out = capsys.readouterr().out
         lines = [line for line in out.splitlines() if line.startswith("step ")]
         assert len(lines) == 4
+        # The curve file holds what was printed, and the final test accuracy.
+        curve = json.loads(curve_file.read_text())
+        assert [f"{v:.4f}" for v in curve["loss"]] == [line.split()[3] for line in lines]
+        assert curve["test_accuracy"] == finals[-1] and curve["seed"] == seed
         assert all("loss" in line and "accuracy" in line and "ms/step" in line for line in lines)
         assert "initial test accuracy" in out
         assert "test accuracy" in out.splitlines()[-1]

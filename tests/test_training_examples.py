@@ -1,6 +1,7 @@
 """The training examples run at tiny sizes and learn: the loss falls, and progress is printed."""
 
 import importlib.util
+import json
 import pathlib
 
 import jax
@@ -39,26 +40,31 @@ def test_quickstart(capsys):
     assert final < 0.5 * initial
 
 
-def _adding(capsys, algorithm):
+def _adding(capsys, tmp_path, algorithm):
     adding = _load("adding_problem")
     argv = ["--algorithm", algorithm, "--steps", "300", "--seq-len", "8", "--hidden", "16"]
-    argv += ["--batch", "32", "--lr", "1e-2", "--print-every", "100"]
+    argv += ["--batch", "32", "--lr", "1e-2", "--print-every", "100", "--curve", str(tmp_path / "c.json")]
     final = adding.main(argv)
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("step ")]
     assert len(lines) == 3
     assert all("baseline" in line and "ms/step" in line for line in lines)
     initial = float(lines[0].split()[3])
+    # The curve file holds what was printed.
+    curve = json.loads((tmp_path / "c.json").read_text())
+    assert curve["step"] == [100, 200, 300] and curve["algorithm"] == algorithm
+    assert [f"{v:.4f}" for v in curve["loss"]] == [line.split()[3] for line in lines]
+    assert curve["loss"][-1] == final
     return initial, final, adding.BASELINE
 
 
-def test_adding_problem_d_rtrl(capsys):
-    initial, final, baseline = _adding(capsys, "d_rtrl")
+def test_adding_problem_d_rtrl(capsys, tmp_path):
+    initial, final, baseline = _adding(capsys, tmp_path, "d_rtrl")
     assert final < initial
     assert final < 0.25 * baseline
 
 
-def test_adding_problem_bptt(capsys):
-    initial, final, baseline = _adding(capsys, "bptt")
+def test_adding_problem_bptt(capsys, tmp_path):
+    initial, final, baseline = _adding(capsys, tmp_path, "bptt")
     assert final < initial
     assert final < 0.25 * baseline
