@@ -164,6 +164,9 @@ def table(results):
 
 
 def run_braintrace(args, eq_results):
+    """braintrace 0.2.6's `D_RTRL` in both of its modes, each next to the eqtrace window of the same
+    kind (`single-step` and `window=0`; `multi-step` and `window=1`, eqtrace's default), all timed
+    in one process."""
     try:
         from _braintrace import time_braintrace
     except ImportError:
@@ -171,33 +174,26 @@ def run_braintrace(args, eq_results):
         return None
 
     reps = {"min_reps": args.min_reps, "max_reps": args.max_reps, "min_time": args.min_time}
-    eq_time = {(r["cell"], r["n"], r["batch"], r["T"]): r["d_rtrl"]["time_s"] for r in eq_results}
     T = 100
     cells = args.cells.split(",")
     sizes = [(c, n, b) for c in cells for n in ((64,) if args.quick else (64, 256)) for b in (1, 32)]
     out = []
     for cell, n, batch in sizes:
-        _, _, xs, targets = make_problem(cell, n, batch, T)
-        bt, first, nrep = time_braintrace(cell, N_IN, n, N_OUT, xs, targets, "D_RTRL", reps)
-        key = (cell, n, batch, T)
-        if key not in eq_time or eq_time[key] is None:
-            model, states, exs, etg = make_problem(cell, n, batch, T)
-            params, fns = make_fns(model)
-            rec = measure(fns["d_rtrl"], (params, states, exs, etg), run=True, reps=reps)
-            eq_time[key] = rec["time_s"]
-        rec = {
-            "cell": cell,
-            "n": n,
-            "batch": batch,
-            "T": T,
-            "braintrace_s": bt,
-            "braintrace_first_call_s": first,
-            "eqtrace_s": eq_time[key],
-            "reps": nrep,
-        }
+        model, states, xs, targets = make_problem(cell, n, batch, T)
+        rules = {"w0": eqtrace.DRTRL(window=0), "w1": eqtrace.DRTRL(window=1)}
+        params, fns = make_fns(model, online=tuple(rules.values()))
+        rec = {"cell": cell, "n": n, "batch": batch, "T": T}
+        for key, rule in rules.items():
+            rec[f"eqtrace_{key}_s"] = measure(fns[rule], (params, states, xs, targets), run=True, reps=reps)[
+                "time_s"
+            ]
+        for key, mode in (("single", "single-step"), ("multi", "multi-step")):
+            bt, first, _ = time_braintrace(cell, N_IN, n, N_OUT, xs, targets, "D_RTRL", reps, vjp_method=mode)
+            rec[f"braintrace_{key}_s"], rec[f"braintrace_{key}_first_call_s"] = bt, first
         print(
-            f"braintrace {cell} n={n} B={batch} T={T}: braintrace {fmt_time(bt)} (first call {first:.1f}s), "
-            f"eqtrace {fmt_time(eq_time[key])}, eqtrace/braintrace {ratio(eq_time[key], bt)}",
+            f"{cell} n={n} B={batch}: window=0 {fmt_time(rec['eqtrace_w0_s'])} vs single-step "
+            f"{fmt_time(rec['braintrace_single_s'])}; window=1 {fmt_time(rec['eqtrace_w1_s'])} vs multi-step "
+            f"{fmt_time(rec['braintrace_multi_s'])}",
             flush=True,
         )
         out.append(rec)
@@ -206,13 +202,16 @@ def run_braintrace(args, eq_results):
 
 def bt_table(rows):
     lines = [
-        "| cell | n | B | T | eqtrace D-RTRL | braintrace D_RTRL | eqtrace/braintrace |",
-        "|---|---|---|---|---|---|---|",
+        "| cell | n | B | T | eqtrace `window=0` | braintrace single-step | ratio | eqtrace `window=1` "
+        "| braintrace multi-step | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['cell']} | {r['n']} | {r['batch']} | {r['T']} | {fmt_time(r['eqtrace_s'])} | "
-            f"{fmt_time(r['braintrace_s'])} | {ratio(r['eqtrace_s'], r['braintrace_s'])} |"
+            f"| {r['cell']} | {r['n']} | {r['batch']} | {r['T']} | {fmt_time(r['eqtrace_w0_s'])} | "
+            f"{fmt_time(r['braintrace_single_s'])} | {ratio(r['eqtrace_w0_s'], r['braintrace_single_s'])} | "
+            f"{fmt_time(r['eqtrace_w1_s'])} | {fmt_time(r['braintrace_multi_s'])} | "
+            f"{ratio(r['eqtrace_w1_s'], r['braintrace_multi_s'])} |"
         )
     return "\n".join(lines)
 

@@ -16,7 +16,8 @@ algorithm=...)`, ES-D-RTRL with its default decay 0.9), `bptt` (`batch_grad(bptt
 helpers in `_timing.py`).
 
 With braintrace importable (see README), a second section times braintrace 0.2.6's
-`pp_prop` (= `ES_D_RTRL`, decay 0.9) on the GRU/RNN sizes at T=100.
+`pp_prop` (= `ES_D_RTRL`, decay 0.9) on the GRU/RNN sizes at T=100, in both of its modes, each next
+to the eqtrace window of the same kind.
 """
 
 import time
@@ -109,47 +110,41 @@ def table(results):
 
 
 def run_braintrace(args, eq_results):
+    """braintrace 0.2.6's `pp_prop` in both of its modes, each next to the eqtrace window of the
+    same kind (the learning signal through the per-position diagonal, `single-step` and
+    `window=0`, or back-propagated exactly through one step, `multi-step` and `window=1`, eqtrace's
+    default), all timed in one process."""
     try:
         from _braintrace import time_braintrace
     except ImportError:
         print("braintrace not importable: skipping the braintrace comparison.", flush=True)
         return None
 
+    import eqtrace
+
     reps = {"min_reps": args.min_reps, "max_reps": args.max_reps, "min_time": args.min_time}
-    eq = {(r["cell"], r["n"], r["batch"], r["T"]): r for r in eq_results}
     T = 100
     ns = (64,) if args.quick else (64, 256)
     out = []
     for cell in [c for c in args.cells.split(",") if c in ("gru", "rnn")]:
         for n in ns:
             for batch in (1, 32):
-                key = (cell, n, batch, T)
-                if key not in eq:  # e.g. --braintrace-only: measure eqtrace here, same process
-                    model, states, exs, etg = make_problem(cell, n, batch, T, build=build)
-                    params, fns = make_fns(model, online=("es_d_rtrl",))
-                    eq[key] = {
-                        a: measure(fns[a], (params, states, exs, etg), run=True, reps=reps)
-                        for a in ("es_d_rtrl", "bptt")
-                    }
-                _, _, xs, targets = make_problem(cell, n, batch, T)
-                bt, first, nrep = time_braintrace(
-                    cell, N_IN, n, N_OUT, xs, targets, "pp_prop", reps, decay_or_rank=0.9
-                )
-                es, bp = eq[key]["es_d_rtrl"]["time_s"], eq[key]["bptt"]["time_s"]
-                rec = {
-                    "cell": cell,
-                    "n": n,
-                    "batch": batch,
-                    "T": T,
-                    "braintrace_s": bt,
-                    "braintrace_first_call_s": first,
-                    "eqtrace_s": es,
-                    "eqtrace_bptt_s": bp,
-                    "reps": nrep,
-                }
+                model, states, xs, targets = make_problem(cell, n, batch, T, build=build)
+                rules = {"w0": eqtrace.ESDRTRL(window=0), "w1": eqtrace.ESDRTRL(window=1)}
+                params, fns = make_fns(model, online=tuple(rules.values()))
+                rec = {"cell": cell, "n": n, "batch": batch, "T": T}
+                problem = (params, states, xs, targets)
+                for key, fn in (("w0", fns[rules["w0"]]), ("w1", fns[rules["w1"]]), ("bptt", fns["bptt"])):
+                    rec[f"eqtrace_{key}_s"] = measure(fn, problem, run=True, reps=reps)["time_s"]
+                for key, mode in (("single", "single-step"), ("multi", "multi-step")):
+                    bt, first, nrep = time_braintrace(
+                        cell, N_IN, n, N_OUT, xs, targets, "pp_prop", reps, decay_or_rank=0.9, vjp_method=mode
+                    )
+                    rec[f"braintrace_{key}_s"], rec[f"braintrace_{key}_first_call_s"] = bt, first
                 print(
-                    f"braintrace pp_prop {cell} n={n} B={batch}: {fmt_time(bt)} (first call {first:.1f}s), "
-                    f"eqtrace ES {fmt_time(es)}, eqtrace/braintrace {ratio(es, bt)}",
+                    f"{cell} n={n} B={batch}: window=0 {fmt_time(rec['eqtrace_w0_s'])} vs single-step "
+                    f"{fmt_time(rec['braintrace_single_s'])}; window=1 {fmt_time(rec['eqtrace_w1_s'])} vs "
+                    f"multi-step {fmt_time(rec['braintrace_multi_s'])}",
                     flush=True,
                 )
                 out.append(rec)
@@ -158,15 +153,16 @@ def run_braintrace(args, eq_results):
 
 def bt_table(rows):
     lines = [
-        "| cell | n | B | T | eqtrace ES-D-RTRL | braintrace pp_prop | eqtrace/braintrace | eqtrace BPTT "
-        "| braintrace pp_prop / eqtrace BPTT |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| cell | n | B | T | eqtrace `window=0` | braintrace single-step | ratio | eqtrace `window=1` "
+        "| braintrace multi-step | ratio | eqtrace BPTT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['cell']} | {r['n']} | {r['batch']} | {r['T']} | {fmt_time(r['eqtrace_s'])} | "
-            f"{fmt_time(r['braintrace_s'])} | {ratio(r['eqtrace_s'], r['braintrace_s'])} | "
-            f"{fmt_time(r['eqtrace_bptt_s'])} | {ratio(r['braintrace_s'], r['eqtrace_bptt_s'])} |"
+            f"| {r['cell']} | {r['n']} | {r['batch']} | {r['T']} | {fmt_time(r['eqtrace_w0_s'])} | "
+            f"{fmt_time(r['braintrace_single_s'])} | {ratio(r['eqtrace_w0_s'], r['braintrace_single_s'])} | "
+            f"{fmt_time(r['eqtrace_w1_s'])} | {fmt_time(r['braintrace_multi_s'])} | "
+            f"{ratio(r['eqtrace_w1_s'], r['braintrace_multi_s'])} | {fmt_time(r['eqtrace_bptt_s'])} |"
         )
     return "\n".join(lines)
 

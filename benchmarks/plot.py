@@ -79,10 +79,10 @@ def plot_ratios(data, bt, out, plt):
         if bx:
             ax.bar(
                 bx,
-                [b["braintrace_s"] / b["eqtrace_bptt_s"] for b in bys if b],
+                [b["braintrace_multi_s"] / b["eqtrace_bptt_s"] for b in bys if b],
                 width,
                 color="tab:orange",
-                label="braintrace pp_prop",
+                label="braintrace pp_prop (multi-step)",
             )
         ax.axhline(1.0, color="tab:red", lw=1, ls="--", label="BPTT")
         ax.set_yscale("log")

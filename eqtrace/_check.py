@@ -34,9 +34,10 @@ class GradientCheckRow:
       exact gradient through the rule's window only); `"whole model"` for the whole-model row.
     - `reason`: for a leaf that is not fully traced, why: a reason of
       [`eqtrace.ExcludedWeight`][] (`non_temporal`, `untraced_use`, …), or
-      `shared_across_positions` for a kernel shared across positions (a convolution), which
-      D-RTRL does not trace, or `no_trace_kept` under a rule that keeps no traces (truncated
-      BPTT); `None` otherwise. Under an exact rule (RTRL) every leaf is `traced`.
+      `shared_across_positions` for a weight shared across positions with no per-position
+      layout (a matrix shared by the rows of an einsum), which D-RTRL does not trace, or
+      `no_trace_kept` under a rule that keeps no traces (truncated BPTT); `None` otherwise. Under
+      an exact rule (RTRL) every leaf is `traced`.
     - `detail`: a sentence that names the operations involved (empty if there is nothing to say).
     - `cosine`: cosine similarity $\langle g, g_\text{BPTT} \rangle / (\lVert g \rVert
       \lVert g_\text{BPTT} \rVert)$ ($0$ if the online gradient is zero); `None` when the BPTT
@@ -130,7 +131,7 @@ def _status(graph: ETraceGraph, path: Path, rule: AbstractOnlineAlgorithm) -> tu
     elif shared:
         reason = "shared_across_positions"
         names = ", ".join(sorted({r.primitive.name for r in shared}))
-        detail = f"{names}: its kernel is shared across positions; {name} keeps no trace for it"
+        detail = f"{names}: it is shared across positions; {name} keeps no trace for it"
     elif partly:
         reason, detail = partly[0].reason, partly[0].detail
     elif excluded:

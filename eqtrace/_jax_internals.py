@@ -32,6 +32,8 @@ CUSTOM_CALLS = (CUSTOM_JVP_CALL, CUSTOM_VJP_CALL)
 REMAT = jex_primitives.remat_p
 WHILE, SCAN, COND = jex_primitives.while_p, jex_primitives.scan_p, jex_primitives.cond_p
 CONTROL_FLOW = (SCAN, WHILE, COND)
+# Equations whose outputs the compiler follows through their bodies (`eqtrace._compiler._flow`).
+BODIES = (*CONTROL_FLOW, *CUSTOM_CALLS, REMAT, *INLINED_CALLS)
 
 # Primitives that act position by position: output[i] depends on operand[i] only (operands of the
 # output's shape) or on a scalar. Used to decide whether data flows "element-wise".
@@ -85,6 +87,7 @@ try:  # `jnp.stack` of equal arrays binds its own primitives since JAX 0.9 (not 
     LAYOUT |= {"stack": _stack_p, "unstack": _unstack_p}
 except ImportError:
     pass
+LAYOUT_OPS = frozenset(LAYOUT.values()) | ({EQX_MAYBE_SET} if EQX_MAYBE_SET is not None else set())
 
 # What the inference of ETP operations in untagged models reads: the trainable operations, the
 # layout-only operations a weight may pass through on its way to one, and the slicing of outputs.
@@ -100,6 +103,7 @@ WEIGHT_LAYOUT = SAME_LAYOUT | {
     jex_primitives.slice_p,
 }
 SLICE = jex_primitives.slice_p
+SQUEEZE = jex_primitives.squeeze_p
 # A weight that reaches the step only through `stop_gradient` is frozen there: nothing is inferred on it.
 STOP_GRADIENT = jex_primitives.stop_gradient_p
 SPLIT = getattr(jax.lax, "split_p", None)
@@ -138,6 +142,25 @@ def scan_parts(eqn: JaxprEqn) -> tuple[ClosedJaxpr, int, int]:
     """A `scan` equation's body, its number of constants and of carries (the scanned inputs follow)."""
     p = eqn.params
     return p["jaxpr"], p["num_consts"], p["num_carry"]
+
+
+def while_cond(eqn: JaxprEqn) -> ClosedJaxpr:
+    """A `while` equation's condition (its constants lead the equation's operands)."""
+    return eqn.params["cond_jaxpr"]
+
+
+def scan_options(eqn: JaxprEqn) -> dict:
+    """The options of a `scan` equation, as `jax.lax.scan` takes them."""
+    p = eqn.params
+    options = dict(length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    if "_split_transpose" in p:
+        options["_split_transpose"] = p["_split_transpose"]
+    return options
+
+
+def remat_options(eqn: JaxprEqn) -> dict:
+    """The options of a `checkpoint` (`remat`) equation, as `jax.checkpoint` takes them."""
+    return dict(prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
 
 
 def cond_branches(eqn: JaxprEqn) -> tuple[ClosedJaxpr, ...]:

@@ -188,7 +188,7 @@ def d_rtrl_reference_step(graph, model, state, x, target, loss_fn, memory, windo
     index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
     new_memory = {}
     for r, rel in enumerate(graph.hidden_param_op_relations):
-        if not rel.position_diagonal:
+        if not rel.per_position:
             continue
         w = weights[index[rel.weight_path]]
         rows = _group_rows(graph, offsets, rel.hidden_groups, len(signal))
@@ -219,14 +219,15 @@ def snap1_reference_step(graph, model, state, x, target, loss_fn, memory, window
 
 def memory_as_traces(graph, memory, model):
     """The reference memory in D-RTRL's trace layout (`weight.shape + (S,)` per relation and
-    group), and the largest entry that layout cannot hold (off the position diagonal)."""
+    group, after the positions of a weight shared along `shared_axes`), and the largest entry that
+    layout cannot hold (off the position diagonal)."""
     offsets, _ = _layout(graph)
     paths = graph.hidden_perturb.hidden_paths
     index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
     weights = jax.tree.leaves(eqx.filter(model, eqx.is_array))
     traces, off_diagonal = [], 0.0
     for r, rel in enumerate(graph.hidden_param_op_relations):
-        if not rel.position_diagonal:
+        if not rel.per_position:
             continue
         w = weights[index[rel.weight_path]]
         for group in rel.hidden_groups:
@@ -234,12 +235,44 @@ def memory_as_traces(graph, memory, model):
             ln = w.size // pn
             ks = [k for k, p in enumerate(paths) if p in group.hidden_paths]
             block = jnp.stack([memory[r][offsets[k] : offsets[k + 1]] for k in ks])  # (S, P, W)
+            if rel.shared_axes:
+                trace, off = _shared_as_trace(rel, group, block, w.shape)
+                traces.append(trace)
+                off_diagonal = max(off_diagonal, off)
+                continue
             block = block.reshape(len(ks), pn, ln, pn)
             diag = jnp.diagonal(block, axis1=1, axis2=3)  # (S, L, P)
             off = block * (1 - jnp.eye(pn, dtype=block.dtype))[None, :, None, :]
             off_diagonal = max(off_diagonal, float(jnp.max(jnp.abs(off))))
             traces.append(jnp.moveaxis(diag, 0, -1).reshape(w.shape + (len(ks),)))
     return traces, off_diagonal
+
+
+def _shared_as_trace(rel, group, block, w_shape):
+    """A (S, positions, weight) memory block of a weight shared along `rel.shared_axes`, as the
+    per-position trace (`shared positions + weight.shape + (S,)`): the entries where the position's
+    other output axes equal the weight's other axes; and the largest entry elsewhere."""
+    n_s, n_y = len(rel.shared_axes), len(group.varshape)
+    y_others = [a for a in range(n_y) if a not in rel.shared_axes]
+    w_others = [a for a in range(len(w_shape)) if a not in rel.input_axes]
+    block = block.reshape((block.shape[0],) + group.varshape + tuple(w_shape))
+    # (S, shared, y others, w others, w inputs)
+    perm = [0] + [1 + a for a in rel.shared_axes] + [1 + a for a in y_others]
+    perm += [1 + n_y + a for a in w_others] + [1 + n_y + a for a in rel.input_axes]
+    block = jnp.transpose(block, perm)
+    n_o = int(np.prod([w_shape[a] for a in w_others]))
+    sp = block.shape[1 : 1 + n_s]
+    w_in = tuple(w_shape[a] for a in rel.input_axes)
+    block = block.reshape((block.shape[0],) + sp + (n_o, n_o) + w_in)
+    eye = np.eye(n_o, dtype=bool).reshape((1,) * (1 + n_s) + (n_o, n_o) + (1,) * len(w_in))
+    off = float(jnp.max(jnp.abs(jnp.where(eye, 0.0, block))))
+    diag = jnp.moveaxis(jnp.diagonal(block, axis1=1 + n_s, axis2=2 + n_s), -1, 1 + n_s)  # (S, sp, n_o, w_in)
+    diag = diag.reshape((diag.shape[0],) + sp + tuple(w_shape[a] for a in w_others) + w_in)
+    # back to the weight's axis order, the state axis last
+    order = list(w_others) + list(rel.input_axes)
+    inverse = [1 + n_s + order.index(a) for a in range(len(w_shape))]
+    diag = jnp.transpose(diag, [0] + list(range(1, 1 + n_s)) + inverse)
+    return jnp.moveaxis(diag, 0, -1), off
 
 
 def es_d_rtrl_reference_step(

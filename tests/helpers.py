@@ -1,8 +1,12 @@
-"""Helpers shared by the tests: pytree comparison with tolerances that depend on dtype."""
+"""Helpers shared by the tests: pytree comparison with tolerances that depend on dtype, and the
+oracles that several rules' tests share."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import eqtrace
 
 
 # (rtol, atol) by floating dtype; anything else (integers, bools) must match exactly.
@@ -93,3 +97,34 @@ def bptt_step_grads(model, state, xs, targets, loss_fn):
         return jax.lax.scan(body, state, (xs, targets))[1]
 
     return jax.jacrev(losses)(params)
+
+
+def check_drivers_sum_steps(rule, model, state, xs, targets, loss_fn, steps):
+    """Assert that `online_grad` and `batch_grad`, under `eqx.filter_jit`, sum a rule's steps:
+    `online_grad` on the first sequence gives the sum of `steps(xs[0], targets[0])`, and `batch_grad`
+    (every example from `state`) the batch mean of those sums.
+
+    `xs`, `targets` are a batch of sequences, `(batch, time, ...)`; `steps(xs, targets)` yields one
+    sequence's per-step gradients, in the structure of `eqx.filter(model, eqx.is_inexact_array)` (the
+    rule's own steps, or a reference of them). Returns the gradients of `online_grad` and
+    `batch_grad`, for further checks.
+    """
+    batch, time = xs.shape[:2]
+    sums = []
+    for b in range(batch):
+        total = None
+        for g in steps(xs[b], targets[b]):
+            total = g if total is None else jax.tree.map(jnp.add, total, g)
+        sums.append(total)
+    online = eqx.filter_jit(lambda m, s, x, y: eqtrace.online_grad(m, s, x, y, loss_fn, algorithm=rule))
+    grads, losses = online(model, state, xs[0], targets[0])
+    assert losses.shape == (time,)
+    assert_tree_allclose(grads, sums[0])
+    states = jax.tree.map(lambda a: jnp.broadcast_to(a, (batch,) + a.shape), state)
+    batched = eqx.filter_jit(
+        lambda m, s, x, y: eqtrace.batch_grad(eqtrace.online_grad, m, s, x, y, loss_fn, algorithm=rule)
+    )
+    batch_grads, losses = batched(model, states, xs, targets)
+    assert losses.shape == (time,)
+    assert_tree_allclose(batch_grads, jax.tree.map(lambda *g: sum(g) / batch, *sums))
+    return grads, batch_grads

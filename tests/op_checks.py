@@ -9,7 +9,7 @@ import numpy as np
 
 import eqtrace
 
-from .brute_force import _layout, d_rtrl_reference_step, es_d_rtrl_reference_step
+from .brute_force import _layout, _shared_as_trace, d_rtrl_reference_step, es_d_rtrl_reference_step
 from .helpers import assert_tree_allclose
 from .test_ops import binds, entry_instructions
 
@@ -106,11 +106,18 @@ def memory_in_trace_layout(graph, memory, model):
     weights = jax.tree.leaves(eqx.filter(model, eqx.is_array))
     traces, off_diagonal = [], 0.0
     for r, rel in enumerate(graph.hidden_param_op_relations):
-        if not rel.position_diagonal:
+        if not rel.per_position:
             continue
         w = weights[index[rel.weight_path]]
         idx = np.indices(w.shape).reshape(w.ndim, -1)
         for group in rel.hidden_groups:
+            if rel.shared_axes:  # a kernel shared across positions: its per-position trace
+                ks = [k for k, p in enumerate(paths) if p in group.hidden_paths]
+                block = jnp.stack([memory[r][offsets[k] : offsets[k + 1]] for k in ks])
+                trace, off = _shared_as_trace(rel, group, block, w.shape)
+                traces.append(trace)
+                off_diagonal = max(off_diagonal, off)
+                continue
             pos = np.ravel_multi_index(
                 tuple(idx[a] for a in range(w.ndim) if a not in rel.input_axes), group.varshape
             )

@@ -247,9 +247,10 @@ def test_d_rtrl_equals_brute_force_reference_per_step(name, window):
         assert_tree_allclose(list(traces.eps), ref_traces)
         assert_tree_allclose(traces.state, ref_state)
     assert graph.hidden_param_op_relations, name
-    # Every group a position-diagonal relation reaches keeps a trace, recurrent or not (D = 0).
+    # Every group a position-diagonal (or per-position shared) relation reaches keeps a trace,
+    # recurrent or not (D = 0).
     assert len(traces.eps) == sum(
-        r.position_diagonal for r in graph.hidden_param_op_relations for g in r.hidden_groups
+        r.per_position for r in graph.hidden_param_op_relations for g in r.hidden_groups
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 import eqtrace
 import eqtrace.nn as enn
 
-from .helpers import assert_tree_allclose
+from .helpers import assert_tree_allclose, check_drivers_sum_steps
 from .models import StackedCells
 from .test_d_rtrl import _per_step_bptt, mse
 from .test_spiking import _inputs, _net
@@ -183,25 +183,13 @@ def test_drivers_sum_the_steps_under_filter_jit():
     xs, targets = jax.vmap(lambda k: _inputs(3, 2, T, k))(keys)
     rule = eqtrace.EProp(feedback="random", kappa=0.7)
 
-    per_example = []
-    for b in range(B):
-        traces, acc = rule.init(graph, model, state), None
-        for t in range(T):
-            traces, _, _, g = rule.step(graph, model, traces, xs[b, t], targets[b, t], mse)
-            acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
-        per_example.append(acc)
+    def steps(xs, targets):
+        traces = rule.init(graph, model, state)
+        for x, target in zip(xs, targets):
+            traces, _, _, g = rule.step(graph, model, traces, x, target, mse)
+            yield g
 
-    online = eqx.filter_jit(lambda m, s, x, y: eqtrace.online_grad(m, s, x, y, mse, algorithm=rule))
-    grads, losses = online(model, state, xs[0], targets[0])
-    assert losses.shape == (T,)
-    assert_tree_allclose(grads, per_example[0])
-
-    states = jax.tree.map(lambda a: jnp.broadcast_to(a, (B,) + a.shape), state)
-    batch = eqx.filter_jit(
-        lambda m, s, x, y: eqtrace.batch_grad(eqtrace.online_grad, m, s, x, y, mse, algorithm=rule)
-    )
-    grads, _ = batch(model, states, xs, targets)
-    assert_tree_allclose(grads, jax.tree.map(lambda *g: sum(g) / B, *per_example))
+    check_drivers_sum_steps(rule, model, state, xs, targets, mse, steps)
 
 
 def test_bad_options_and_models_are_refused():

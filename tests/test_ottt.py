@@ -15,7 +15,7 @@ from eqtrace._compiler._run import unflatten_step_outputs
 from eqtrace._ops import etp_op_of
 
 from .brute_force import _flat, _group_rows, _run, _step_parts
-from .helpers import assert_tree_allclose
+from .helpers import assert_tree_allclose, check_drivers_sum_steps
 from .test_d_rtrl import _per_step_bptt, LeakyIntegrator, mse
 from .test_spiking import _inputs, _net
 
@@ -154,22 +154,11 @@ def check_drivers(rule, model, state, graph, n_in, n_out, *, B=2, T=3):
     mean of per-example sums), and every trainable leaf gets a gradient."""
     keys = jax.random.split(jax.random.key(9), B)
     xs, targets = jax.vmap(lambda k: _inputs(n_in, n_out, T, k))(keys)
-    per_example = []
-    for b in range(B):
-        acc = None
-        for _, g in _run_rule(rule, graph, model, state, xs[b], targets[b]):
-            acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
-        per_example.append(acc)
-    online = eqx.filter_jit(lambda m, s, x, y: eqtrace.online_grad(m, s, x, y, mse, algorithm=rule))
-    grads, losses = online(model, state, xs[0], targets[0])
-    assert losses.shape == (T,)
-    assert_tree_allclose(grads, per_example[0])
-    states = jax.tree.map(lambda a: jnp.broadcast_to(a, (B,) + a.shape), state)
-    batch = eqx.filter_jit(
-        lambda m, s, x, y: eqtrace.batch_grad(eqtrace.online_grad, m, s, x, y, mse, algorithm=rule)
-    )
-    grads, _ = batch(model, states, xs, targets)
-    assert_tree_allclose(grads, jax.tree.map(lambda *g: sum(g) / B, *per_example))
+
+    def steps(xs, targets):
+        return (g for _, g in _run_rule(rule, graph, model, state, xs, targets))
+
+    _, grads = check_drivers_sum_steps(rule, model, state, xs, targets, mse, steps)
     assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
 
 

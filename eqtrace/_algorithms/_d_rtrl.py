@@ -7,8 +7,13 @@ $\partial h_t/\partial W$. With `window=K` the gradient of $L_t$ is exact throug
 and the trace credits what lies before them:
 $\nabla W \mathrel{+}= \partial L_t/\partial W|_{h_{t-K}} + \sum_{n,c} \lambda_t[n,c]\,
 \epsilon_{t-K}[\dots, n, c]$, with $\lambda_t = \partial L_t/\partial h_{t-K}$.
+
+A weight shared along some of the output's axes (a convolution's kernel, along the spatial axes)
+keeps the same trace per position $p$ along them, $\epsilon_t[p, \dots, n, s]$, with
+$\partial h_t[p, n, s] / \partial W[\dots, n]$ as its new term, and the gradient sums over $p$ too.
 """
 
+import math
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
@@ -34,7 +39,9 @@ class DRTRLTraces(eqx.Module):
     - `state`: the model's hidden state pytree.
     - `eps`: one trace per traced (relation, hidden group) pair, shaped `weight.shape + (S,)`, or
       where the relation's operation reads a part of its weight (one gate of a fused weight), that
-      part's shape `+ (S,)`; with `window=K > 1`, at the window's anchor, `K - 1` steps behind `state`.
+      part's shape `+ (S,)`; for a weight shared along the output's `shared_axes` (a convolution's
+      kernel), those positions lead: `positions + weight.shape + (S,)`. With `window=K > 1`, at the
+      window's anchor, `K - 1` steps behind `state`.
     - `buffer`: the [`eqtrace.WindowBuffer`][] of a window `K > 1`, else `None`.
     - `window`: the rule's window `K` (static; `0`: the learning signal through the per-position
       diagonal only).
@@ -51,7 +58,7 @@ def traced_pairs(graph: ETraceGraph) -> list[tuple[int, int]]:
     return [
         (r, g.index)
         for r, rel in enumerate(graph.hidden_param_op_relations)
-        if rel.position_diagonal
+        if rel.per_position
         for g in rel.hidden_groups
     ]
 
@@ -96,32 +103,79 @@ def instant_trace(primitive, params: Mapping, operands: list, j: int, d_f: jax.A
     return jax.vmap(lambda ct: vjp(ct)[0], in_axes=-1, out_axes=-1)(d_f)
 
 
+def position_jacobian(rel: HiddenParamOpRelation, operands: list) -> jax.Array:
+    """For a weight shared along the output's `shared_axes`: `∂y[p, n]/∂W[..., n]`, each output
+    position's derivative by its own entries of the weight, laid out `positions + W.shape`: the
+    operation's `weight_position_jacobian` where it has one, else its own JVP, one per entry along
+    the weight's input axes (a one-hot tangent there, broadcast along the weight's other axes, which
+    each output position reads only at its own)."""
+    op = etp_op(rel.primitive)
+    j, w = rel.operand_index, operands[rel.operand_index]
+    if op.weight_position_jacobian is not None and not rel.params.get("vmap_in_axes"):
+        jac = op.weight_position_jacobian(j, *operands, **rel.params)
+        if jac is not None:  # the operation's own, faster form (a convolution's patches)
+            return jac
+
+    def f(w):
+        return op.impl(*operands[:j], w, *operands[j + 1 :], **rel.params)
+
+    _, jvp = jax.linearize(f, w)
+    in_shape = tuple(w.shape[a] for a in rel.input_axes)
+    n_in, n_shared = math.prod(in_shape), len(rel.shared_axes)
+    basis = jnp.eye(n_in, dtype=w.dtype).reshape((n_in,) + in_shape)
+    # A one-hot tangent along the input axes, the same at every entry of the other axes.
+    ones = jnp.ones(tuple(1 if a in rel.input_axes else n for a, n in enumerate(w.shape)), w.dtype)
+    cols = jax.vmap(lambda e: jvp(jnp.expand_dims(e, _others(rel, w.ndim)) * ones))(basis)
+    # `(n_in,) + y_shape` as `in_shape + positions + the output's other axes`, then `positions + W`.
+    cols = jnp.moveaxis(cols, [1 + a for a in rel.shared_axes], range(1, 1 + n_shared))
+    cols = cols.reshape(in_shape + cols.shape[1:])
+    k_in, others = len(in_shape), iter(range(len(in_shape) + n_shared, cols.ndim))
+    order = [k_in + p for p in range(n_shared)]
+    order += [rel.input_axes.index(a) if a in rel.input_axes else next(others) for a in range(w.ndim)]
+    return jnp.transpose(cols, order)
+
+
+def _others(rel: HiddenParamOpRelation, ndim: int) -> tuple[int, ...]:
+    """The weight's axes that are not input axes (those that index the output's other axes)."""
+    return tuple(a for a in range(ndim) if a not in rel.input_axes)
+
+
 def trace_shape(rel: HiddenParamOpRelation, w_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The weight axes of `rel`'s trace: the weight's shape, or that of the part its operation
-    reads (the other entries of the weight do not reach the operation's output)."""
+    """The leading axes of `rel`'s trace (before the state axis): the weight's shape, or that of the
+    part its operation reads (the other entries of the weight do not reach the operation's output),
+    after the shared positions of a weight shared across positions."""
     pad = rel.position_pad or ((0, 0),) * len(w_shape)
-    return tuple(n - lo - hi for n, (lo, hi) in zip(w_shape, pad))
+    positions = tuple(rel.y_shape[a] for a in rel.shared_axes)
+    return positions + tuple(n - lo - hi for n, (lo, hi) in zip(w_shape, pad))
 
 
 def _part(rel: HiddenParamOpRelation, whole: jax.Array) -> jax.Array:
-    """A weight-shaped array (`weight.shape + tail`) restricted to the part `rel` reads."""
+    """A weight-shaped array (`positions + weight.shape + tail`) restricted to the part `rel` reads."""
     if not rel.position_pad:
         return whole
-    pad = rel.position_pad + ((0, 0),) * (whole.ndim - len(rel.position_pad))
+    pad = ((0, 0),) * len(rel.shared_axes) + rel.position_pad
+    pad = pad + ((0, 0),) * (whole.ndim - len(pad))
     return jax.lax.slice(whole, [lo for lo, _ in pad], [n - hi for n, (_, hi) in zip(whole.shape, pad)])
 
 
 def in_weight_layout(rel: HiddenParamOpRelation, per_position: jax.Array) -> jax.Array:
     """A per-position array (`varshape + tail`) laid out as the weight's trace: broadcastable along
-    the weight's input axes."""
-    return jnp.expand_dims(per_position, rel.input_axes)
+    the weight's input axes, after the shared positions (moved to the front) of a shared weight."""
+    if not rel.shared_axes:
+        return jnp.expand_dims(per_position, rel.input_axes)
+    n = len(rel.shared_axes)
+    per_position = jnp.moveaxis(per_position, rel.shared_axes, range(n))
+    return jnp.expand_dims(per_position, tuple(n + a for a in rel.input_axes))
 
 
 def contract(rel: HiddenParamOpRelation, signal: jax.Array, trace: jax.Array) -> jax.Array:
-    """`Σ_{n,c} signal[n, c] trace[..., n, c]`, weight-shaped (zero outside the part `rel` reads): a
-    per-position signal (`varshape + (S,)`) against a trace, broadcast along the weight's input axes."""
+    """`Σ_{p,n,c} signal[p, n, c] trace[p, ..., n, c]`, weight-shaped (zero outside the part `rel`
+    reads): a per-position signal (`varshape + (S,)`) against a trace, broadcast along the weight's
+    input axes (and summed over the shared positions of a shared weight)."""
     signal = in_weight_layout(rel, signal)
     part = jnp.sum(jnp.broadcast_to(signal, trace.shape) * trace, axis=-1)
+    if rel.shared_axes:
+        part = jnp.sum(part, axis=tuple(range(len(rel.shared_axes))))
     return jnp.pad(part, rel.position_pad) if rel.position_pad else part
 
 
@@ -129,7 +183,11 @@ def trace_update(rel: HiddenParamOpRelation, g: int, lin, eps: jax.Array) -> tup
     """The new trace of `rel` and group `g` in two parts: the past carried through the blocks,
     `D ε`, and this step's `∂h_t/∂W`."""
     operands, d_f = lin.operands[rel.eqn_index], lin.d_f[rel.eqn_index][g]
-    instant = _part(rel, instant_trace(rel.primitive, rel.params, operands, rel.operand_index, d_f))
+    if rel.shared_axes:
+        jac = _part(rel, position_jacobian(rel, operands))
+        instant = jac[..., None] * in_weight_layout(rel, d_f)
+    else:
+        instant = _part(rel, instant_trace(rel.primitive, rel.params, operands, rel.operand_index, d_f))
     return apply_blocks(in_weight_layout(rel, lin.d_total[g]), eps), instant
 
 
@@ -224,4 +282,4 @@ class DRTRL(AbstractOnlineAlgorithm):
         return d_rtrl_step(graph, params, traces, x, target, loss_fn)
 
     def traces_relation(self, relation):
-        return relation.position_diagonal
+        return relation.per_position

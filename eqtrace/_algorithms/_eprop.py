@@ -20,7 +20,6 @@ import jax.tree_util as jtu
 from .._compiler import ETraceGraph, HiddenParamOpRelation
 from .._compiler._run import flatten_weights
 from ._d_rtrl import contract, in_weight_layout, trace_shape, trace_update, traced_pairs
-from ._inputs import check_traces
 from ._one_step import apply_blocks, linearise_step, unflatten_grads
 from ._rule import AbstractOnlineAlgorithm
 
@@ -258,20 +257,8 @@ class EProp(AbstractOnlineAlgorithm):
     def init(self, graph: ETraceGraph, params, state) -> EPropTraces:
         return _eprop_init(graph, params, state, **self._options())
 
-    def step(
-        self,
-        graph: ETraceGraph,
-        params,
-        traces: EPropTraces,
-        x,
-        target,
-        loss_fn: Callable,
-        *,
-        batched: bool = False,
-    ):
-        if batched:
-            raise ValueError("`EProp` steps one example at a time: `jax.vmap` it over a batch.")
-        check_traces(traces, EPropTraces, _eprop_init, graph, params)
+    def step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
+        self._check_step(graph, params, traces, batched, EPropTraces, _eprop_init)
         options = self._options()
         made = {"kappa": traces.kappa, "feedback_seed": traces.feedback_seed}
         if made != options:
@@ -282,4 +269,4 @@ class EProp(AbstractOnlineAlgorithm):
         return eligibility_step(graph, params, traces, x, target, loss_fn)
 
     def traces_relation(self, relation: HiddenParamOpRelation) -> bool:
-        return relation.position_diagonal
+        return relation.per_position

@@ -10,7 +10,6 @@ per-position blocks with ETP outputs held fixed (`recurrent=False`: D-RTRL with 
 whole Jacobian, the recurrent ETP mixing included (`recurrent=True`: RTRL within each group).
 """
 
-from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
@@ -21,7 +20,6 @@ from .._compiler import ETraceGraph, evaluate, HiddenParamOpRelation
 from .._compiler._run import flatten_step_inputs, flatten_weights
 from .._ops import etp_op
 from ._d_rtrl import contract, trace_shape, trace_update, traced_pairs
-from ._inputs import check_traces
 from ._one_step import linearise_step, unflatten_grads
 from ._rule import AbstractOnlineAlgorithm
 
@@ -158,12 +156,8 @@ class OSTL(AbstractOnlineAlgorithm):
             )
         return traces
 
-    def step(
-        self, graph: ETraceGraph, params, traces: OSTLTraces, x, target, loss_fn: Callable, *, batched=False
-    ):
-        if batched:
-            raise ValueError("`OSTL` steps one example at a time: `jax.vmap` it over a batch.")
-        check_traces(traces, OSTLTraces, _ostl_init, graph, params)
+    def step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
+        self._check_step(graph, params, traces, batched, OSTLTraces, _ostl_init)
         if traces.recurrent != self.recurrent:
             raise ValueError(
                 f"`traces` were made with `recurrent={traces.recurrent}`, but this rule has "
@@ -192,4 +186,4 @@ class OSTL(AbstractOnlineAlgorithm):
         return new, lin.y, lin.loss, unflatten_grads(params, grads)
 
     def traces_relation(self, relation: HiddenParamOpRelation) -> bool:
-        return self.recurrent or relation.position_diagonal
+        return self.recurrent or relation.per_position

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 
 from .._compiler import ETraceGraph, HiddenParamOpRelation
 from ._es_d_rtrl import _traced_operations, check_decay
-from ._inputs import check_traces
 from ._one_step import apply_blocks, StepLinearisation, unflatten_grads
 from ._ottt import check_same_decay, presynaptic_init, presynaptic_step
 from ._rule import AbstractOnlineAlgorithm
@@ -120,7 +119,7 @@ class OTPE(AbstractOnlineAlgorithm):
         return _otpe_init(graph, params, state, decay=self.decay)
 
     def step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
-        check_traces(traces, OTPETraces, _otpe_init, graph, params, batched=batched)
+        self._check_step(graph, params, traces, batched, OTPETraces, _otpe_init)
         check_same_decay(traces, self.decay)
         post = functools.partial(_otpe_post, graph, traces.f_bar, batched)
         lin, grads, a_hat, count, f_bar = presynaptic_step(

@@ -14,7 +14,6 @@ from .._compiler import ETraceGraph, HiddenParamOpRelation
 from .._compiler._run import flatten_weights
 from .._ops import etp_op
 from ._es_d_rtrl import _history, _scale, _traced_operations, check_decay
-from ._inputs import check_traces
 from ._one_step import linearise_step, StepLinearisation, unflatten_grads
 from ._rule import AbstractOnlineAlgorithm
 
@@ -141,7 +140,7 @@ class OTTT(AbstractOnlineAlgorithm):
         return _ottt_init(graph, params, state, decay=self.decay)
 
     def step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
-        check_traces(traces, OTTTTraces, _ottt_init, graph, params, batched=batched)
+        self._check_step(graph, params, traces, batched, OTTTTraces, _ottt_init)
         check_same_decay(traces, self.decay)
         post = functools.partial(_ottt_post, graph)
         lin, grads, a_hat, count, _ = presynaptic_step(

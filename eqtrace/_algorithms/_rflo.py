@@ -5,14 +5,12 @@ leak, $p_t = (1 - 1/\tau)\, p_{t-1} + \partial h_t / \partial W|_{\text{instant}
 instantaneous learning signal sent through a fixed random matrix $B$ in place of the readout weight.
 """
 
-from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
 
 from .._compiler import ETraceGraph, HiddenParamOpRelation
 from ._eprop import _eprop_init, eligibility_step, EPropTraces
-from ._inputs import check_traces
 from ._rule import AbstractOnlineAlgorithm
 
 
@@ -92,12 +90,8 @@ class RFLO(AbstractOnlineAlgorithm):
     def init(self, graph: ETraceGraph, params, state) -> EPropTraces:
         return _rflo_init(graph, params, state, feedback_seed=self._seed())
 
-    def step(
-        self, graph: ETraceGraph, params, traces: EPropTraces, x, target, loss_fn: Callable, *, batched=False
-    ):
-        if batched:
-            raise ValueError("`RFLO` steps one example at a time: `jax.vmap` it over a batch.")
-        check_traces(traces, EPropTraces, _rflo_init, graph, params)
+    def step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
+        self._check_step(graph, params, traces, batched, EPropTraces, _rflo_init)
         if traces.kappa is not None or traces.feedback_seed != self._seed():
             raise ValueError(
                 f"`traces` were made with feedback seed {traces.feedback_seed} and kappa {traces.kappa}, "
@@ -107,4 +101,4 @@ class RFLO(AbstractOnlineAlgorithm):
         return eligibility_step(graph, params, traces, x, target, loss_fn, leak=leak)
 
     def traces_relation(self, relation: HiddenParamOpRelation) -> bool:
-        return relation.position_diagonal
+        return relation.per_position

@@ -21,7 +21,7 @@ from jaxtyping import Array, Inexact
 from .._compiler import ETraceGraph, evaluate
 from .._compiler._freeze import trainable_mask
 from .._compiler._run import flatten_step_inputs, flatten_weights, unflatten_step_outputs
-from ._inputs import check_scalar_loss, check_traces
+from ._inputs import check_scalar_loss
 from ._one_step import unflatten_grads
 from ._rule import AbstractOnlineAlgorithm
 
@@ -162,20 +162,8 @@ class RTRL(AbstractOnlineAlgorithm):
             )
         return _zero_traces(graph, params, state)
 
-    def step(
-        self,
-        graph: ETraceGraph,
-        params,
-        traces: RTRLTraces,
-        x,
-        target,
-        loss_fn: Callable,
-        *,
-        batched: bool = False,
-    ):
-        if batched:
-            raise ValueError("`RTRL` steps one example at a time: `jax.vmap` it over a batch.")
-        check_traces(traces, RTRLTraces, _zero_traces, graph, params)
+    def step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
+        self._check_step(graph, params, traces, batched, RTRLTraces, _zero_traces)
         step = flat_step(graph, params, x, traces.state, target, loss_fn)
         (new_h, loss), pullback, outs = jax.vjp(step.run, step.w_flat, step.h_flat, has_aux=True)
         # One pullback per row of the step's Jacobian, and one for the loss.

@@ -8,6 +8,7 @@ import equinox as eqx
 from jaxtyping import Array, PyTree
 
 from .._compiler import ETraceGraph, HiddenParamOpRelation
+from ._inputs import check_traces
 
 
 class AbstractOnlineAlgorithm(eqx.Module):
@@ -68,6 +69,17 @@ class AbstractOnlineAlgorithm(eqx.Module):
         contribution to $\\nabla_\\theta \\sum_t L_t$ in the structure of
         `eqx.filter(params, eqx.is_inexact_array)`, `None` at the graph's frozen leaves.
         """
+
+    def _check_step(
+        self, graph: ETraceGraph, params: PyTree, traces: PyTree, batched: bool, kind: type, init: Callable
+    ) -> None:
+        """What every `step` checks first: that a rule which is not `batch_native` is not asked to step
+        a batch, and that `traces` are the `kind` that `init(graph, params, state, **options)` makes
+        (see `check_traces`; `init.__name__` names it in the error)."""
+        if batched and not self.batch_native:
+            name = type(self).__name__
+            raise ValueError(f"`{name}` steps one example at a time: `jax.vmap` it over a batch.")
+        check_traces(traces, kind, init, graph, params, batched=batched)
 
     @abc.abstractmethod
     def traces_relation(self, relation: HiddenParamOpRelation) -> bool:

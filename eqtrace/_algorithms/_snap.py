@@ -10,14 +10,12 @@ is the per-position diagonal block of the *full* step Jacobian (an RNN's $W_{hh}
 included); D-RTRL's $D_t$ holds the outputs of ETP operations fixed.
 """
 
-from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
 
 from .._compiler import ETraceGraph, HiddenParamOpRelation
 from ._d_rtrl import d_rtrl_init, DRTRLTraces, trace_step
-from ._inputs import check_traces
 from ._rule import AbstractOnlineAlgorithm
 from ._window import check_window
 
@@ -80,21 +78,9 @@ class SnAp1(AbstractOnlineAlgorithm):
     def init(self, graph: ETraceGraph, params, state) -> DRTRLTraces:
         return _snap1_init(graph, params, state, window=self.window)
 
-    def step(
-        self,
-        graph: ETraceGraph,
-        params,
-        traces: DRTRLTraces,
-        x,
-        target,
-        loss_fn: Callable,
-        *,
-        batched: bool = False,
-    ):
-        if batched:
-            raise ValueError("`SnAp1` steps one example at a time: `jax.vmap` it over a batch.")
-        check_traces(traces, DRTRLTraces, _snap1_init, graph, params)
+    def step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
+        self._check_step(graph, params, traces, batched, DRTRLTraces, _snap1_init)
         return trace_step(graph, params, traces, x, target, loss_fn, full_jacobian=True)
 
     def traces_relation(self, relation: HiddenParamOpRelation) -> bool:
-        return relation.position_diagonal
+        return relation.per_position

@@ -6,14 +6,12 @@ credited. Memory is $O(K)$ (the window's inputs and its anchor state), constant 
 length; there are no traces.
 """
 
-from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
 
 from .._compiler import ETraceGraph
 from .._compiler._run import flatten_weights
-from ._inputs import check_traces
 from ._one_step import linearise_step, unflatten_grads
 from ._rule import AbstractOnlineAlgorithm
 from ._window import window_init, WindowBuffer
@@ -77,18 +75,8 @@ class TruncatedBPTT(AbstractOnlineAlgorithm):
     def init(self, graph: ETraceGraph, params, state) -> TruncatedBPTTTraces:
         return _init(graph, params, state, window=self.window)
 
-    def step(
-        self,
-        graph: ETraceGraph,
-        params,
-        traces: TruncatedBPTTTraces,
-        x,
-        target,
-        loss_fn: Callable,
-        *,
-        batched: bool = False,
-    ):
-        check_traces(traces, TruncatedBPTTTraces, _init, graph, params, batched=batched)
+    def step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
+        self._check_step(graph, params, traces, batched, TruncatedBPTTTraces, _init)
         lin = linearise_step(
             graph, params, x, traces.state, target, loss_fn, buffer=traces.buffer, batched=batched
         )

@@ -12,7 +12,6 @@ loss's own pullback from the same linearisation: the cost per step is a small mu
 and the memory is $N + P$ per example.
 """
 
-from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
@@ -22,7 +21,6 @@ from jaxtyping import Array, Inexact, Key
 
 from .._compiler import ETraceGraph
 from .._compiler._run import unflatten_step_outputs
-from ._inputs import check_traces
 from ._rtrl import _layout, flat_step
 from ._rule import AbstractOnlineAlgorithm
 
@@ -115,20 +113,8 @@ class UORO(AbstractOnlineAlgorithm):
     def init(self, graph: ETraceGraph, params, state) -> UOROTraces:
         return _zero_traces(graph, params, state, seed=self.seed)
 
-    def step(
-        self,
-        graph: ETraceGraph,
-        params,
-        traces: UOROTraces,
-        x,
-        target,
-        loss_fn: Callable,
-        *,
-        batched: bool = False,
-    ):
-        if batched:
-            raise ValueError("`UORO` steps one example at a time: `jax.vmap` it over a batch.")
-        check_traces(traces, UOROTraces, _zero_traces, graph, params)
+    def step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
+        self._check_step(graph, params, traces, batched, UOROTraces, _zero_traces)
         step = flat_step(graph, params, x, traces.state, target, loss_fn)
         if graph.module_info.forward_differentiable:
             (new_h, loss), linear, outs = jax.linearize(step.run, step.w_flat, step.h_flat, has_aux=True)

@@ -215,9 +215,9 @@ def compile_etrace_graph(
     input_paths = _paths(x)
     hidden_paths = _paths(state)
     n_w, n_x, n_h = len(weight_paths), len(input_paths), len(hidden_paths)
-    inferred = frozenset()
+    inferred, inside = frozenset(), {}
     if infer_etp_ops:
-        flat, inferred = infer_operations(flat, n_w, n_h)
+        flat, inferred, inside = infer_operations(flat, n_w, n_h)
     jaxpr = flat.jaxpr
     weight_vars = jaxpr.invars[:n_w]
     hidden_in = jaxpr.invars[n_w + n_x :]
@@ -267,7 +267,15 @@ def compile_etrace_graph(
 
     groups = find_hidden_groups(jaxpr, hidden_in, hidden_out, hidden_paths, hidden_avals, traced)
     relations, excluded, partly = find_relations(
-        jaxpr, weight_vars, weight_paths, hidden_out, hidden_paths, traced, groups, inferred=inferred
+        jaxpr,
+        weight_vars,
+        weight_paths,
+        hidden_out,
+        hidden_paths,
+        traced,
+        groups,
+        inferred=inferred,
+        inside=inside,
     )
 
     perturb = None

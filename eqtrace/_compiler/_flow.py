@@ -79,6 +79,12 @@ def _body_flow(closed, r: int) -> Flow:
     return cache[r]
 
 
+def body_flow(closed, r: int) -> Flow:
+    """For each output of a body (a closed jaxpr), the inputs it depends on, each with a flag:
+    `True` when position by position, positions being the trailing `r` axes."""
+    return _body_flow(closed, r)
+
+
 class _Const:
     """`ranks` for a body: every input followed at the rank of the value the caller follows."""
 

@@ -108,12 +108,19 @@ class HiddenParamOpRelation:
     - `elementwise_tail`: `True`: `y → h` is element-wise, so `∂h/∂y` is diagonal and exact.
     - `position_diagonal`: `True` when each output position reads its own entries of the weight
       (`x @ W` with a vector `x`, `fn(w)`), so that a weight-shaped trace with a state axis is exact
-      per position (D-RTRL). `False` for a kernel shared across positions (convolution): D-RTRL
-      gives such a weight its exact gradient within the window only; ES-D-RTRL traces it.
+      per position (D-RTRL). `False` for a weight shared across positions (a convolution's kernel).
     - `input_axes`: for a position-diagonal relation, the weight's axes that index no output
       position: `(0,)` for `W` in `x @ W`, `()` for a bias or `fn(w)`, `(1,)` for the `(E, I, O)`
       weight of an ensemble of `E` layers under `jax.vmap`. The weight's other axes are the output's
       positions, in order; per-position quantities act on its trace broadcast along these axes.
+      With `shared_axes`, the same outside those axes of the output.
+    - `shared_axes`: for a weight shared across positions along some of the output's axes (a
+      convolution's kernel, shared along the spatial axes), those axes, where each output position
+      reads the weight's entries along `input_axes` at the weight's other axes (the output's other
+      axes, in order: a kernel's output channel). D-RTRL then keeps a trace per position along them,
+      `tuple(y_shape[a] for a in shared_axes) + weight.shape + (S,)`. `()` for a position-diagonal
+      relation, and for a shared weight of no such layout, which D-RTRL gives its exact gradient
+      within the window only (ES-D-RTRL traces it).
     - `weight_index`: the weight's index among the model's array leaves (`module_info.weight_paths`).
     - `params`: the operation's static parameters, as its implementation takes them.
     - `operand_weights`: for each operand of the operation, the index of the model leaf it is, or
@@ -142,6 +149,13 @@ class HiddenParamOpRelation:
     input_aval: jax.ShapeDtypeStruct | None = None
     position_pad: tuple[tuple[int, int], ...] = ()
     inferred: bool = False
+    shared_axes: tuple[int, ...] = ()
+
+    @property
+    def per_position(self) -> bool:
+        """Whether a trace per output position is exact for this relation (D-RTRL keeps one): the
+        relation is position-diagonal, or its weight is shared along `shared_axes`."""
+        return self.position_diagonal or bool(self.shared_axes)
 
 
 EXCLUSION_REASONS = types.MappingProxyType(

@@ -26,24 +26,29 @@ import jax.numpy as jnp
 
 from .._jax_internals import (
     bind_equation,
+    BODIES,
     ClosedJaxpr,
     CONV_GENERAL_DILATED,
     DOT_GENERAL,
     ELEMENTWISE,
     JaxprEqn,
+    LAYOUT_OPS,
     Literal,
     SAME_LAYOUT,
     SLICE,
     SPLIT,
+    SQUEEZE,
     STOP_GRADIENT,
     TRANSPOSE,
     Var,
     WEIGHT_LAYOUT,
 )
 from .._ops import etp_element_wise_p, etp_matmul_p, etp_op_of, register_etp_op
+from ._flow import equation_flow
+from ._hoist import hoist_loop_invariants
 
 
-def _linear_impl(x, w, *, fn, input_axes, position_pad):
+def _linear_impl(x, w, *, fn, input_axes, position_pad, shared_axes=()):
     return fn(x, w)
 
 
@@ -65,15 +70,16 @@ inferred_element_wise_op = register_etp_op(
 )
 
 
-def declared_positions(eqn) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]] | None:
+def declared_positions(eqn) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...], tuple[int, ...]] | None:
     """For an inferred operation whose output positions are entries of its weight: the weight's input
-    axes and, per weight axis, the `(before, after)` entries outside the part it reads. `None` for
-    other operations, and for an inferred weight shared across positions."""
+    axes, per weight axis the `(before, after)` entries outside the part it reads, and the output's
+    axes along which the weight is shared (a convolution's spatial axes; `()`: none). `None` for
+    other operations, and for an inferred weight shared across positions with no such layout."""
     if eqn.primitive not in (inferred_linear_op.primitive, inferred_element_wise_op.primitive):
         return None
     if eqn.params["input_axes"] is None:
         return None
-    return eqn.params["input_axes"], eqn.params["position_pad"]
+    return eqn.params["input_axes"], eqn.params["position_pad"], eqn.params.get("shared_axes", ())
 
 
 def _identity(w):
@@ -110,12 +116,14 @@ class _Slice:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class _LinearFn:
-    """`eqn(x, part(layout(w)))`: the traced operation on the weight leaf `w`."""
+    """`eqn(x, part(layout(w)))`: the traced operation on the weight leaf `w`, then `squeeze` where
+    only a squeeze of size-1 axes reads its output (the batch axis of a convolution)."""
 
     eqn: JaxprEqn
     weight_side: int
     layout: tuple
     part: _Slice | None
+    squeeze: JaxprEqn | None = None
 
     def __repr__(self) -> str:
         w = "w"
@@ -124,14 +132,16 @@ class _LinearFn:
         if self.part is not None:
             w = f"{w}[{self.part.lo}:{self.part.hi} along axis {self.part.axis}]"
         operands = f"x, {w}" if self.weight_side == 1 else f"{w}, x"
-        return f"{self.eqn.primitive.name}({operands})"
+        out = f"{self.eqn.primitive.name}({operands})"
+        return out if self.squeeze is None else f"squeeze({out})"
 
     def __call__(self, x, w):
         for c in self.layout:
             w = bind_equation(c, [w])[0]
         if self.part is not None:
             w = self.part(w)
-        return bind_equation(self.eqn, [x, w] if self.weight_side == 1 else [w, x])[0]
+        y = bind_equation(self.eqn, [x, w] if self.weight_side == 1 else [w, x])[0]
+        return y if self.squeeze is None else bind_equation(self.squeeze, [y])[0]
 
 
 def _slice_bounds(eqn, v) -> tuple[int, frozenset] | None:
@@ -217,12 +227,70 @@ def _dot_positions(eqn, weight_side: int, layout: Sequence, w_shape) -> tuple | 
     return tuple(sorted(perm[a] for a in wc)), tuple(out_axes)
 
 
+def _conv_positions(eqn, layout: Sequence, w_shape, squeeze) -> tuple | None:
+    """For a `conv_general_dilated` of a kernel leaf: the leaf's input axes (all but its output
+    feature axis) and the output's axes along which the kernel is shared (all but the feature axis),
+    after `squeeze` where one reads the output; `None` where the layout is not a transpose."""
+    perm = list(range(len(w_shape)))  # axis `a` of the operand is axis `perm[a]` of the leaf
+    for c in layout:
+        if c.primitive is TRANSPOSE:
+            perm = [perm[p] for p in c.params["permutation"]]
+        elif c.primitive not in SAME_LAYOUT:
+            return None
+    _, rhs_spec, out_spec = eqn.params["dimension_numbers"]
+    feature = out_spec[1]
+    gone = set(squeeze.params["dimensions"]) if squeeze is not None else set()
+    if feature in gone:
+        return None
+    kept = [a for a in range(len(_shape(eqn.outvars[0]))) if a not in gone]
+    out = perm[rhs_spec[0]]
+    return tuple(a for a in range(len(w_shape)) if a != out), tuple(
+        k for k, a in enumerate(kept) if a != feature
+    )
+
+
+def _unread_by_bodies(eqn, v) -> bool:
+    """Whether `eqn` is a loop, branch or call whose bodies do not read its operand `v` (as a
+    custom derivative keeps, for its own rule, an operand whose uses were moved out of it)."""
+    if eqn.primitive not in BODIES:
+        return False
+    reads = [k for k, u in enumerate(eqn.invars) if u is v]
+    return not any(k in edges for edges in equation_flow(eqn, len(_shape(v))) for k in reads)
+
+
+def _flow_mixing(eqn, mixed: dict, r: int) -> list | None:
+    """For a loop, branch or call, or a layout operation: per output, whether it is reached from
+    the values in `mixed` through mixing (`None` where it is not reached), following the flow of
+    each output (positions being the trailing `r` axes); `None` for other equations."""
+    if eqn.primitive not in BODIES and eqn.primitive not in LAYOUT_OPS:
+        return None
+    reads = [(k, v) for k, v in enumerate(eqn.invars) if isinstance(v, Var) and v in mixed]
+    out = []
+    for edges in equation_flow(eqn, r):
+        hits = [mixed[v] or not edges[k] for k, v in reads if k in edges]
+        out.append(any(hits) if hits else None)
+    return out
+
+
 def _reaches_hidden_element_wise(jaxpr, var, stops: set, cuts: dict, hidden: list) -> bool:
     """Whether `var` reaches some new hidden value, and every one it reaches, position by position
     (a split counts as position-wise where its operand is computed part by part)."""
     mixed: dict = {var: False}
+    r = len(_shape(var))
     for eqn in jaxpr.eqns:
         if id(eqn) in stops or eqn.primitive is STOP_GRADIENT or etp_op_of(eqn.primitive) is not None:
+            continue
+        reads = [v for v in eqn.invars if isinstance(v, Var) and v in mixed]
+        if not reads:
+            continue
+        # Through a body or a layout operation (an ODE solve, the buffer of its saved states), each
+        # output by its own flow.
+        cut = any(_slice_bounds(eqn, v) and v in cuts for v in reads)
+        per_output = None if eqn.primitive in ELEMENTWISE or cut else _flow_mixing(eqn, mixed, r)
+        if per_output is not None:
+            for o, m in zip(eqn.outvars, per_output):
+                if m is not None:
+                    mixed[o] = m
             continue
         got = None
         for v in eqn.invars:
@@ -237,8 +305,11 @@ def _reaches_hidden_element_wise(jaxpr, var, stops: set, cuts: dict, hidden: lis
     return bool(reached) and not any(reached)
 
 
-def infer_operations(closed: ClosedJaxpr, num_weights: int, num_hidden: int) -> tuple[ClosedJaxpr, frozenset]:
-    """Tag the trainable operations of an untagged flat step jaxpr (see the module's docstring).
+def infer_operations(
+    closed: ClosedJaxpr, num_weights: int, num_hidden: int
+) -> tuple[ClosedJaxpr, frozenset, dict[int, str]]:
+    """Tag the trainable operations of an untagged flat step jaxpr (see the module's docstring),
+    after moving the weight products that do not change inside a loop out of it.
 
     **Arguments:**
 
@@ -247,8 +318,10 @@ def infer_operations(closed: ClosedJaxpr, num_weights: int, num_hidden: int) -> 
 
     **Returns:**
 
-    The step with the inferred operations tagged, and the indices of its inferred ETP equations.
+    The step with the inferred operations tagged, the indices of its inferred ETP equations, and per
+    weight index with a product left inside a loop, branch or custom derivative, where and why.
     """
+    closed, notes = hoist_loop_invariants(closed, num_weights)
     jaxpr = closed.jaxpr
     trainable = [v for v in jaxpr.invars[:num_weights] if jnp.issubdtype(v.aval.dtype, jnp.inexact)]
     origin: dict = {v: (v, ()) for v in trainable}  # a variable computed from one leaf by layout only
@@ -272,6 +345,18 @@ def infer_operations(closed: ClosedJaxpr, num_weights: int, num_hidden: int) -> 
             dots[id(eqn)] = (sides[0], leaf, layout)
     cuts = _find_cuts(jaxpr, consumers)
     hidden = list(jaxpr.outvars[len(jaxpr.outvars) - num_hidden :])
+    # A convolution's output read only by a squeeze (an unbatched layer's batch axis) is tagged
+    # squeezed, so that it can reach a hidden state position by position.
+    squeezes = {
+        id(eqn): consumers[eqn.outvars[0]][0]
+        for eqn in jaxpr.eqns
+        if id(eqn) in dots
+        and eqn.primitive is CONV_GENERAL_DILATED
+        and eqn.outvars[0] not in jaxpr.outvars
+        and len(consumers.get(eqn.outvars[0], ())) == 1
+        and consumers[eqn.outvars[0]][0].primitive is SQUEEZE
+    }
+    squeezed = {id(s) for s in squeezes.values()}
     dot_leaves = {leaf for _, leaf, _ in dots.values()}
     element_wise = {
         v
@@ -279,11 +364,11 @@ def infer_operations(closed: ClosedJaxpr, num_weights: int, num_hidden: int) -> 
         if v not in dot_leaves
         and v not in jaxpr.outvars
         and consumers.get(v)
-        and all(_is_position_wise(eqn, v) for eqn in consumers[v])
+        and all(_is_position_wise(eqn, v) or _unread_by_bodies(eqn, v) for eqn in consumers[v])
         and _reaches_hidden_element_wise(jaxpr, v, set(dots), cuts, hidden)
     }
     if not dots and not element_wise:
-        return closed, frozenset()
+        return closed, frozenset(), notes
 
     inferred_flags: list[bool] = []  # per ETP operation bound, in order: whether it is inferred
 
@@ -319,8 +404,14 @@ def infer_operations(closed: ClosedJaxpr, num_weights: int, num_hidden: int) -> 
             return lax.slice_in_dim(read(v), lo, hi, axis=axis)
 
         for eqn in jaxpr.eqns:
-            out = eqn.outvars[0]
+            out = eqn.outvars[0] if eqn.outvars else None
             cut = cuts.get(out) if len(eqn.outvars) == 1 and isinstance(out, Var) else None
+            if id(eqn) in squeezed:
+                continue  # computed by the convolution it squeezes
+            if id(eqn) in squeezes:
+                squeeze = squeezes[id(eqn)]
+                env[squeeze.outvars[0]] = _bind_conv(eqn, *dots[id(eqn)], read, tag, squeeze)
+                continue
             if id(eqn) in dots:
                 outs = [_bind_dot(eqn, *dots[id(eqn)], read, cut, tag)]
             elif (
@@ -370,7 +461,7 @@ def infer_operations(closed: ClosedJaxpr, num_weights: int, num_hidden: int) -> 
     avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in jaxpr.invars]
     new = jax.make_jaxpr(run)(*avals)
     etp_eqns = [e for e, eqn in enumerate(new.jaxpr.eqns) if etp_op_of(eqn.primitive) is not None]
-    return new, frozenset(e for e, flag in zip(etp_eqns, inferred_flags) if flag)
+    return new, frozenset(e for e, flag in zip(etp_eqns, inferred_flags) if flag), notes
 
 
 def _starts(eqn, axis: int) -> list[int]:
@@ -384,9 +475,24 @@ def _starts(eqn, axis: int) -> list[int]:
     return starts
 
 
+def _bind_conv(eqn, weight_side: int, leaf, layout: tuple, read, tag, squeeze=None):
+    """The tagged form of a `conv_general_dilated` of the kernel `leaf` (then `squeeze`d): the
+    inferred linear operation, shared along the output's axes other than its feature axis."""
+    x, w = read(eqn.invars[1 - weight_side]), read(leaf)
+    positions = _conv_positions(eqn, layout, _shape(leaf), squeeze)
+    input_axes, shared = (None, ()) if positions is None else positions
+    pad = tuple((0, 0) for _ in range(w.ndim))
+    fn = _LinearFn(eqn, weight_side, layout, None, squeeze)
+    return tag(
+        inferred_linear_op.primitive, x, w, fn=fn, input_axes=input_axes, position_pad=pad, shared_axes=shared
+    )
+
+
 def _bind_dot(eqn, weight_side: int, leaf, layout: tuple, read, cut, tag):
     """The tagged form of a `dot_general`/`conv_general_dilated` of the weight `leaf`: `eqtrace.matmul`
     where it is `x @ W`, else the inferred linear operation (computed part by part along `cut`)."""
+    if eqn.primitive is CONV_GENERAL_DILATED:
+        return _bind_conv(eqn, weight_side, leaf, layout, read, tag)
     x, w = read(eqn.invars[1 - weight_side]), read(leaf)
     positions = _dot_positions(eqn, weight_side, layout, _shape(leaf))
     if (

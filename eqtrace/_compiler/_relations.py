@@ -5,9 +5,10 @@ import types
 import jax
 import jax.numpy as jnp
 
-from .._jax_internals import Literal, STOP_GRADIENT, Var, WEIGHT_LAYOUT
+from .._jax_internals import BODIES, Literal, STOP_GRADIENT, Var, WEIGHT_LAYOUT
 from .._ops import etp_op_of
 from ._dataflow import ETP, EW, MIX, reach, shape, weight_dependencies
+from ._flow import equation_flow
 from ._graph import ExcludedWeight, HiddenGroup, HiddenParamOpRelation
 from ._infer import declared_positions
 
@@ -25,11 +26,13 @@ def find_relations(
     groups: list[HiddenGroup],
     *,
     inferred: frozenset = frozenset(),
+    inside: dict[int, str] | None = None,
 ) -> tuple[list[HiddenParamOpRelation], list[ExcludedWeight], list[ExcludedWeight]]:
     """Each ETP equation's weight operands and the groups its output reaches element-wise; every
     other inexact weight leaf with the reason it is in no relation; and the weights in a relation
     that also reach a hidden state by another, untraced, use. `inferred`: the indices of the ETP
-    equations that the compiler inferred in an untagged model."""
+    equations that the compiler inferred in an untagged model; `inside`: per weight index, where a
+    product of it stays inside a loop, branch or custom derivative (see `eqtrace._compiler._hoist`)."""
     group_of = {hidden_paths.index(p): g for g in groups for p in g.hidden_paths}
     weight_index = {v: i for i, v in enumerate(weight_vars)}
     wdeps = weight_dependencies(jaxpr, weight_vars)
@@ -69,10 +72,14 @@ def find_relations(
             elif ew:
                 shapes = [shape(v) for v in eqn.invars]
                 input_axes = op.input_axes(j, shapes, shape(eqn.outvars[0]), eqn.params)
-                pad = ()
+                pad, shared = (), ()
                 declared = declared_positions(eqn)
                 if declared is not None:
-                    input_axes, pad = declared
+                    input_axes, pad, shared = declared
+                elif input_axes is None:
+                    layout = op.shared_layout(j, shapes, shape(eqn.outvars[0]), eqn.params)
+                    if layout is not None:
+                        input_axes, shared = layout
                 relations.append(
                     HiddenParamOpRelation(
                         weight_path=weight_paths[w],
@@ -81,8 +88,9 @@ def find_relations(
                         eqn_index=e,
                         operand_index=j,
                         y_shape=shape(eqn.outvars[0]),
-                        position_diagonal=input_axes is not None,
+                        position_diagonal=input_axes is not None and not shared,
                         input_axes=input_axes or (),
+                        shared_axes=shared,
                         position_pad=pad if any(any(p) for p in pad) else (),
                         weight_index=w,
                         params=types.MappingProxyType(dict(eqn.params)),
@@ -125,7 +133,8 @@ def find_relations(
             excluded.append(ExcludedWeight(path, "stop_gradient", detail))
             continue
         if w not in used:
-            excluded.append(ExcludedWeight(path, "no_etp_op", "used by no ETP operation"))
+            detail = (inside or {}).get(w, "used by no ETP operation")
+            excluded.append(ExcludedWeight(path, "no_etp_op", detail))
             continue
         reason, detail = min(notes[w], key=lambda rd: _REASON_PRIORITY.index(rd[0]))
         excluded.append(ExcludedWeight(path, reason, detail))
@@ -139,6 +148,9 @@ def _untraced_use(jaxpr, var, traced_uses: set, hidden_vars: list) -> str | None
     for e, eqn in enumerate(jaxpr.eqns):
         reads = [j for j, v in enumerate(eqn.invars) if not isinstance(v, Literal) and v in live]
         reads = [j for j in reads if (e, j) not in traced_uses]
+        if reads and eqn.primitive in BODIES:  # an operand its bodies do not read is no use
+            flow = equation_flow(eqn, 0)
+            reads = [j for j in reads if any(j in edges for edges in flow)]
         if reads:
             for o in eqn.outvars:
                 live.add(o)

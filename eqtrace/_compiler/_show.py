@@ -44,7 +44,11 @@ def format_graph(graph: ETraceGraph) -> str:
     width = max((len(_p(r.weight_path)) for r in graph.hidden_param_op_relations), default=0)
     for r in graph.hidden_param_op_relations:
         groups = ", ".join(f"[{g.index}]" for g in r.hidden_groups)
-        shared = "" if r.position_diagonal else "  (shared across positions: traced by ES-D-RTRL only)"
+        shared = ""
+        if r.shared_axes:
+            shared = f"  (shared along output axes {r.shared_axes}: traced per position)"
+        elif not r.position_diagonal:
+            shared = "  (shared across positions: traced by ES-D-RTRL only)"
         inferred = "  (inferred" + _part(graph, r) + ")" if r.inferred else ""
         lines.append(f"  {_p(r.weight_path):<{width}}  --{r.primitive.name}-->  {groups}{shared}{inferred}")
     if not graph.hidden_param_op_relations:

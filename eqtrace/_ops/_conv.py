@@ -15,8 +15,34 @@ def _conv_impl(x, w, b=None, *, stride, padding, dilation):
     return y
 
 
-# A kernel is shared by all output positions: no weight-shaped trace is exact per position.
-conv_op = register_etp_op("etp_conv", _conv_impl, has_input=True, position_diagonal=lambda *_: False)
+def _shared_axes(j, x_shape, w_shape, *_, **__):
+    """The kernel (`O, C, *kernel`) and the bias (`O`) are shared along the output's spatial axes,
+    each output channel reading its own entries."""
+    spatial = tuple(range(1, len(w_shape) - 1))
+    return (tuple(range(1, len(w_shape))) if j == 1 else ()), spatial
+
+
+def _position_jacobian(j, x, w, *_, stride, padding, dilation):
+    """`∂y[o, p]/∂W[o, c, k] = x_patch[p][c, k]` (the same for every output channel `o`): the
+    kernel's patches, `spatial + W.shape`; for the bias, `None` (its JVP is one call)."""
+    if j != 1:
+        return None
+    n = w.ndim - 2
+    patches = lax.conv_general_dilated_patches(
+        x[None], w.shape[2:], stride, padding, rhs_dilation=dilation, precision=lax.Precision.HIGHEST
+    )[0]
+    patches = patches.reshape(w.shape[1:] + patches.shape[1:])  # (C, *kernel, *spatial)
+    patches = jnp.moveaxis(patches, range(n + 1, 2 * n + 1), range(n))  # (*spatial, C, *kernel)
+    return jnp.broadcast_to(jnp.expand_dims(patches, n), patches.shape[:n] + w.shape)
+
+
+conv_op = register_etp_op(
+    "etp_conv",
+    _conv_impl,
+    has_input=True,
+    shared_axes=_shared_axes,
+    position_jacobian=_position_jacobian,
+)
 etp_conv_p = conv_op.primitive
 
 

@@ -24,6 +24,15 @@ class EtpOp:
       weight operand's index `j`, the unbatched operands' shapes and the static parameters, the
       weight's axes that index no output position (its other axes being the output's, in order),
       or `None` where the weight is shared across positions.
+    - `weight_shared_axes`: optional, for a weight shared across positions: given the weight
+      operand's index `j`, the unbatched operands' shapes and the static parameters,
+      `(input_axes, shared_axes)`: the output's axes along which the weight is shared, each output
+      position reading the weight's entries along its input axes at its other axes (the output's
+      other axes, in order); or `None`.
+    - `weight_position_jacobian`: optional, for a weight with `weight_shared_axes`: given `j`, the
+      unbatched operands and the static parameters, `∂y[p, n]/∂W[..., n]` laid out as
+      `shared positions + weight.shape` (a convolution's patches), or `None`; without it, the rules
+      use the operation's JVP, one per entry along the weight's input axes.
     """
 
     primitive: Primitive
@@ -31,6 +40,8 @@ class EtpOp:
     has_input: bool
     position_diagonal: Callable[..., bool]
     weight_input_axes: Callable[..., tuple[int, ...] | None] | None = None
+    weight_shared_axes: Callable[..., tuple[tuple[int, ...], tuple[int, ...]] | None] | None = None
+    weight_position_jacobian: Callable | None = None
 
     @property
     def name(self) -> str:
@@ -80,6 +91,36 @@ class EtpOp:
             )
         return tuple(len(levels) + a for a in axes)
 
+    def shared_layout(
+        self, j: int, shapes: Sequence[tuple[int, ...]], y_shape: tuple[int, ...], params: Mapping
+    ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """For weight operand `j`, shared across positions: `(input_axes, shared_axes)`, the weight's
+        axes that index no output position and the output's axes along which the weight is shared
+        (see `weight_shared_axes`), or `None` where the operation declares no such layout. Under
+        `vmap` levels, a weight batched at every level keeps a position axis per level (an ensemble
+        of convolutions); one shared across a level has no such layout."""
+        levels = params.get("vmap_in_axes", ())
+        if self.weight_shared_axes is None or any(level[j] is None for level in levels):
+            return None
+        unbatched = [s[sum(level[i] is not None for level in levels) :] for i, s in enumerate(shapes)]
+        static = {k: v for k, v in params.items() if k != "vmap_in_axes"}
+        got = self.weight_shared_axes(j, *unbatched, **static)
+        if got is None:
+            return None
+        n_w, n_y = max(len(unbatched[j]), 1), max(len(y_shape) - len(levels), 1)
+        axes = tuple(sorted(int(a) % n_w for a in got[0]))
+        shared = tuple(sorted(int(a) % n_y for a in got[1]))
+        rest = tuple(d for a, d in enumerate(unbatched[j]) if a not in axes)
+        others = tuple(d for a, d in enumerate(y_shape[len(levels) :]) if a not in shared)
+        if rest != others:
+            raise ValueError(
+                f"ETP operation `{self.name}`: weight operand {j} (shape {tuple(unbatched[j])}) with "
+                f"input axes {axes} leaves the axes {rest}, which must be the output's axes outside "
+                f"the shared axes {shared}, {others}, in order; fix the operation's `shared_axes`."
+            )
+        n = len(levels)
+        return tuple(n + a for a in axes), tuple(n + a for a in shared)
+
 
 _REGISTRY: dict[Primitive, EtpOp] = {}
 
@@ -91,15 +132,17 @@ def register_etp_op(
     has_input: bool,
     position_diagonal: Callable[..., bool] | None = None,
     input_axes: Callable[..., tuple[int, ...] | None] | None = None,
+    shared_axes: Callable[..., tuple[tuple[int, ...], tuple[int, ...]] | None] | None = None,
+    position_jacobian: Callable | None = None,
 ) -> EtpOp:
     r"""Define an ETP operation of one's own: a new JAX primitive that computes `impl`, which
     [`eqtrace.compile_etrace_graph`][] recognises and every online rule traces.
 
     The primitive is transparent (the values, derivatives, batching and compiled code of `impl`
     itself); the rules read the operation through `impl`'s own JVP/VJP, so only the trace layout is
-    declared. Without `position_diagonal` or `input_axes`, every weight counts as shared across the
-    output's positions (as a convolution's kernel): ES-D-RTRL traces it, D-RTRL gives it its exact
-    gradient within the window.
+    declared. Without `position_diagonal`, `input_axes` or `shared_axes`, every weight counts as
+    shared across the output's positions with no known layout: ES-D-RTRL traces it, D-RTRL gives it
+    its exact gradient within the window.
 
     **Arguments:**
 
@@ -116,6 +159,16 @@ def register_etp_op(
       `input_axes(j, *shapes, **params)`, for weight operand `j`, the weight's axes that index no
       output position (the others must be the output's axes, in order), or `None` where the weight
       is shared across positions.
+    - `shared_axes`: for a weight shared across positions along some of the output's axes (a
+      convolution's kernel along the spatial axes): `shared_axes(j, *shapes, **params)`, for weight
+      operand `j`, `(input_axes, shared_axes)`: the output's axes along which the weight is shared,
+      each output position reading the weight's entries along its `input_axes` at its other axes
+      (the output's other axes, in order), or `None`. Then D-RTRL keeps a trace per position along
+      the shared axes (`positions × weight × states`), exact per position.
+    - `position_jacobian`: optional, with `shared_axes`: `position_jacobian(j, *operands, **params)`,
+      for weight operand `j` of unbatched operands, `∂y[p, n]/∂W[..., n]` laid out as `shared
+      positions + weight.shape`, or `None`: a faster form of what the rules otherwise get from the
+      operation's JVP, one per entry along the weight's input axes (a convolution's patches).
 
     **Returns:**
 
@@ -130,13 +183,20 @@ def register_etp_op(
         raise TypeError(f"`register_etp_op`: `has_input` must be a bool, got {has_input!r}.")
     if position_diagonal is not None and input_axes is not None:
         raise ValueError("`register_etp_op`: give `position_diagonal` or `input_axes`, not both.")
-    for arg, value in (("position_diagonal", position_diagonal), ("input_axes", input_axes)):
+    for arg, value in (
+        ("position_diagonal", position_diagonal),
+        ("input_axes", input_axes),
+        ("shared_axes", shared_axes),
+        ("position_jacobian", position_jacobian),
+    ):
         if value is not None and not callable(value):
             raise TypeError(f"`register_etp_op`: `{arg}` must be callable, got {type(value).__name__}.")
     if position_diagonal is None:
         position_diagonal = _never
     primitive, batched_impl = make_transparent_primitive(name, impl)
-    op = EtpOp(primitive, batched_impl, has_input, position_diagonal, input_axes)
+    op = EtpOp(
+        primitive, batched_impl, has_input, position_diagonal, input_axes, shared_axes, position_jacobian
+    )
     _REGISTRY[op.primitive] = op
     return op
 
