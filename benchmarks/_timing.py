@@ -28,9 +28,9 @@ def time_calls(call, *, min_reps, max_reps, min_time):
     return statistics.median(times), len(times)
 
 
-def measure(fn, args, *, run, reps):
-    """Lower + compile `jax.jit(fn)` on `args` (timed separately), read its memory analysis and,
-    if `run`, time the compiled function with `time_calls(**reps)`."""
+def compile_timed(fn, args):
+    """Lower + compile `jax.jit(fn)` on `args`: the compiled function, and a record of the lowering
+    and compile times and XLA's memory analysis (`time_s` still `None`)."""
     t0 = time.perf_counter()
     lowered = jax.jit(fn).lower(*args)
     t1 = time.perf_counter()
@@ -46,6 +46,12 @@ def measure(fn, args, *, run, reps):
         "time_s": None,
         "reps": 0,
     }
+    return compiled, rec
+
+
+def measure(fn, args, *, run, reps):
+    """`compile_timed`, then, if `run`, the compiled function timed with `time_calls(**reps)`."""
+    compiled, rec = compile_timed(fn, args)
     if run:
         rec["time_s"], rec["reps"] = time_calls(lambda: compiled(*args), **reps)
     return rec

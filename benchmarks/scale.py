@@ -45,7 +45,7 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from _timing import fmt_bytes, fmt_time, measure, ratio, time_calls
+from _timing import compile_timed, fmt_bytes, fmt_time, measure, ratio, time_calls
 from bench_d_rtrl import make_fns, make_problem, mse, N_IN, N_OUT
 from bench_es_d_rtrl import ALGOS, build
 
@@ -168,23 +168,8 @@ def timed(fn, args, *, predicted, reps, max_run_s, max_run_bytes):
     """`_timing.measure`, compiling once, with a run only when the call is predicted to be
     affordable in time (`predicted` seconds; `None`: from one call on a twentieth of the sequence)
     and XLA memory; else the reason is in `not_timed`."""
-    t0 = time.perf_counter()
-    lowered = jax.jit(fn).lower(*args)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    mem = compiled.memory_analysis()
-    rec = {
-        "lower_s": t1 - t0,
-        "compile_s": t2 - t1,
-        "temp_bytes": int(mem.temp_size_in_bytes),
-        "argument_bytes": int(mem.argument_size_in_bytes),
-        "output_bytes": int(mem.output_size_in_bytes),
-        "time_s": None,
-        "reps": 0,
-        "predicted_s": predicted,
-        "not_timed": None,
-    }
+    compiled, rec = compile_timed(fn, args)
+    rec.update(predicted_s=predicted, not_timed=None)
     need = rec["temp_bytes"] + rec["argument_bytes"] + rec["output_bytes"]
     T = args[2].shape[1]
     if predicted is None and T > 20 and need <= max_run_bytes:

@@ -99,6 +99,17 @@ def bptt_step_grads(model, state, xs, targets, loss_fn):
     return jax.jacrev(losses)(params)
 
 
+def d_rtrl_step_grads(graph, model, state, xs, targets, loss_fn):
+    """Each step's D-RTRL gradient (`eqtrace.d_rtrl_step` from zero traces), stacked along a leading
+    time axis, in the layout of `bptt_step_grads`."""
+    step = eqx.filter_jit(eqtrace.d_rtrl_step)
+    traces, grads = eqtrace.d_rtrl_init(graph, model, state), []
+    for x, t in zip(xs, targets):
+        traces, _, _, g = step(graph, model, traces, x, t, loss_fn)
+        grads.append(g)
+    return jax.tree.map(lambda *a: jnp.stack(a), *grads)
+
+
 def check_drivers_sum_steps(rule, model, state, xs, targets, loss_fn, steps):
     """Assert that `online_grad` and `batch_grad`, under `eqx.filter_jit`, sum a rule's steps:
     `online_grad` on the first sequence gives the sum of `steps(xs[0], targets[0])`, and `batch_grad`

@@ -16,7 +16,7 @@ from jax import lax
 import eqtrace
 import eqtrace.nn as enn
 
-from .helpers import assert_tree_allclose, bptt_step_grads
+from .helpers import assert_tree_allclose, bptt_step_grads, d_rtrl_step_grads
 
 
 def mse(y, t):
@@ -56,16 +56,6 @@ def _loop_cell(body):
     return LoopCell(jax.random.normal(k1, (3, 4)), enn.Linear(4, 2, key=k2), body)
 
 
-def d_rtrl_step_grads(graph, model, state, xs, ts, loss_fn=mse):
-    """D-RTRL's gradient of each step's loss, on a leading time axis."""
-    step = eqx.filter_jit(eqtrace.d_rtrl_step)
-    traces, out = eqtrace.d_rtrl_init(graph, model, state), []
-    for x, t in zip(xs, ts):
-        traces, _, _, g = step(graph, model, traces, x, t, loss_fn)
-        out.append(g)
-    return jax.tree.map(lambda *a: jnp.stack(a), *out)
-
-
 @pytest.mark.parametrize("body", sorted(BODIES))
 def test_position_wise_control_flow_is_element_wise(body):
     graph = eqtrace.compile_etrace_graph(_loop_cell(body), jnp.zeros(3), jnp.zeros(4))
@@ -85,7 +75,7 @@ def test_d_rtrl_is_exact_through_position_wise_control_flow(body):
     graph = eqtrace.compile_etrace_graph(model, jnp.zeros(3), state)
     xs = jax.random.normal(jax.random.key(1), (5, 3))
     ts = jax.random.normal(jax.random.key(2), (5, 2))
-    online = d_rtrl_step_grads(graph, model, state, xs, ts)
+    online = d_rtrl_step_grads(graph, model, state, xs, ts, mse)
     reference = bptt_step_grads(model, state, xs, ts, mse)
     assert_tree_allclose(jax.tree.leaves(online), jax.tree.leaves(reference), rtol=1e-9, atol=1e-12)
     assert jnp.all(jnp.any(online.w != 0, axis=(1, 2)))  # every step credits the weight
@@ -211,6 +201,6 @@ def test_d_rtrl_is_exact_through_a_custom_vjp_spike():
     graph = eqtrace.compile_etrace_graph(model, jnp.zeros(3), state)
     xs = jax.random.normal(jax.random.key(6), (5, 3))
     ts = jax.random.normal(jax.random.key(7), (5, 2))
-    online = d_rtrl_step_grads(graph, model, state, xs, ts)
+    online = d_rtrl_step_grads(graph, model, state, xs, ts, mse)
     reference = bptt_step_grads(model, state, xs, ts, mse)
     assert_tree_allclose(jax.tree.leaves(online), jax.tree.leaves(reference), rtol=1e-9, atol=1e-12)

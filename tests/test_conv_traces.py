@@ -17,7 +17,7 @@ from .brute_force import (
     memory_as_traces,
     snap1_reference_step,
 )
-from .helpers import assert_tree_allclose
+from .helpers import assert_tree_allclose, bptt_step_grads
 
 
 def mse(y, t):
@@ -91,22 +91,6 @@ def _sequence(model, state, x_shape, n_steps=4, seed=1):
     return xs, jax.random.normal(kt, (n_steps,) + n_out)
 
 
-def _bptt_per_step(model, state, xs, targets):
-    """`∂L_t/∂θ` for every step `t`: `jax.jacrev` of the per-step losses of a `lax.scan`."""
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def losses(params):
-        m = eqx.combine(params, static)
-
-        def body(s, xt):
-            y, s = m(xt[0], s)
-            return s, mse(y, xt[1])
-
-        return jax.lax.scan(body, state, (xs, targets))[1]
-
-    return jax.jacrev(losses)(params)
-
-
 @pytest.mark.parametrize(
     "name, window",
     [(name, w) for name in ("conv1d", "conv2d", "eqx_conv1d") for w in (0, 1)]
@@ -120,7 +104,7 @@ def test_position_wise_conv_recurrence_is_bptt_per_step(name, window):
     assert conv and all(r.shared_axes and not r.position_diagonal for r in conv)
     assert all(r.inferred == (name == "eqx_conv1d") for r in conv)
     assert all(eqtrace.DRTRL().traces_relation(r) for r in graph.hidden_param_op_relations)
-    bptt = _bptt_per_step(model, state, xs, targets)
+    bptt = bptt_step_grads(model, state, xs, targets, mse)
     step = eqx.filter_jit(eqtrace.d_rtrl_step)
     traces = eqtrace.d_rtrl_init(graph, model, state, window=window)
     for t in range(len(xs)):
@@ -138,7 +122,7 @@ def test_rules_sharing_the_traces_are_exact_too(rule):
     xs, targets = _sequence(model, state, x_shape, n_steps=3)
     graph = eqtrace.compile_etrace_graph(model, xs[0], state)
     assert all(rule.traces_relation(r) for r in graph.hidden_param_op_relations)
-    bptt = _bptt_per_step(model, state, xs, targets)
+    bptt = bptt_step_grads(model, state, xs, targets, mse)
     step, traces = eqx.filter_jit(rule.step), rule.init(graph, model, state)
     for t in range(len(xs)):
         traces, _, _, grads = step(graph, model, traces, xs[t], targets[t], mse)
@@ -191,7 +175,7 @@ def test_conv_of_the_state_equals_the_brute_force_reference(rule, window):
         ref_traces, off_diagonal = memory_as_traces(graph, memory, model)
         assert off_diagonal == 0.0, "the reference has an entry outside the per-position layout"
         assert_tree_allclose(list(traces.eps), ref_traces)
-    bptt = jax.tree.map(lambda g: g[-1], _bptt_per_step(model, state, xs, targets))
+    bptt = jax.tree.map(lambda g: g[-1], bptt_step_grads(model, state, xs, targets, mse))
     assert not np.allclose(grads.conv_in.weight, bptt.conv_in.weight)  # not exact here
 
 

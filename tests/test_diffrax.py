@@ -14,7 +14,7 @@ import pytest
 import eqtrace
 import eqtrace.nn as enn
 
-from .helpers import assert_tree_allclose, bptt_step_grads
+from .helpers import assert_tree_allclose, bptt_step_grads, d_rtrl_step_grads
 
 
 DT = 0.5
@@ -82,12 +82,7 @@ def test_tsit5_neuron_with_learnable_time_constant_is_exact_per_step():
     graph = eqtrace.compile_etrace_graph(model, jnp.zeros(3), state)
     xs = jax.random.normal(jax.random.key(1), (4, 3))
     ts = jax.random.normal(jax.random.key(2), (4, 2))
-    step = eqx.filter_jit(eqtrace.d_rtrl_step)
-    traces, online = eqtrace.d_rtrl_init(graph, model, state), []
-    for x, t in zip(xs, ts):
-        traces, _, _, g = step(graph, model, traces, x, t, mse)
-        online.append(g)
-    online = jax.tree.map(lambda *a: jnp.stack(a), *online)
+    online = d_rtrl_step_grads(graph, model, state, xs, ts, mse)
     reference = bptt_step_grads(model, state, xs, ts, mse)
     assert_tree_allclose(jax.tree.leaves(online), jax.tree.leaves(reference), rtol=1e-9, atol=1e-12)
     assert all(jnp.all(jnp.any(leaf.reshape(len(xs), -1) != 0, axis=1)) for leaf in jax.tree.leaves(online))

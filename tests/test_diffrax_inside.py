@@ -18,7 +18,7 @@ import eqtrace
 from eqtrace._compiler._evaluate import evaluate
 from eqtrace._compiler._run import flatten_step_inputs
 
-from .helpers import assert_tree_allclose, bptt_step_grads
+from .helpers import assert_tree_allclose, bptt_step_grads, d_rtrl_step_grads
 
 
 DT = 0.5
@@ -84,12 +84,7 @@ def test_weights_in_the_vector_field_are_exact_per_step(solver):
     assert "--etp_inferred_linear-->  [0]  (inferred" in eqtrace._compiler._show.format_graph(graph)
     xs = jax.random.normal(jax.random.key(1), (3, 3))
     ts = jax.random.normal(jax.random.key(2), (3, 2))
-    step = eqx.filter_jit(eqtrace.d_rtrl_step)
-    traces, online = eqtrace.d_rtrl_init(graph, model, state), []
-    for x, t in zip(xs, ts):
-        traces, _, _, g = step(graph, model, traces, x, t, mse)
-        online.append(g)
-    online = jax.tree.map(lambda *a: jnp.stack(a), *online)
+    online = d_rtrl_step_grads(graph, model, state, xs, ts, mse)
     reference = bptt_step_grads(model, state, xs, ts, mse)
     assert_tree_allclose(online, reference, rtol=1e-9, atol=1e-12)
     # The traces carry credit across steps: the last step's gradient is not its same-step part.

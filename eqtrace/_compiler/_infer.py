@@ -204,17 +204,26 @@ def _find_cuts(jaxpr, consumers: dict) -> dict:
     return cuts
 
 
-def _dot_positions(eqn, weight_side: int, layout: Sequence, w_shape) -> tuple | None:
-    """For a `dot_general` of a weight leaf: the leaf's input axes, and for each output axis the
-    leaf axis it is, when each output position reads its own entries of the leaf (else `None`)."""
-    if eqn.primitive is not DOT_GENERAL:
-        return None
-    perm = list(range(len(w_shape)))  # axis `a` of the operand is axis `perm[a]` of the leaf
+def _leaf_axes(layout: Sequence, ndim: int) -> list[int] | None:
+    """Through `layout` (transposes and layout-only operations), which axis of the weight leaf each
+    axis of the operand is; `None` where another operation changes the layout."""
+    perm = list(range(ndim))
     for c in layout:
         if c.primitive is TRANSPOSE:
             perm = [perm[p] for p in c.params["permutation"]]
         elif c.primitive not in SAME_LAYOUT:
             return None
+    return perm
+
+
+def _dot_positions(eqn, weight_side: int, layout: Sequence, w_shape) -> tuple | None:
+    """For a `dot_general` of a weight leaf: the leaf's input axes, and for each output axis the
+    leaf axis it is, when each output position reads its own entries of the leaf (else `None`)."""
+    if eqn.primitive is not DOT_GENERAL:
+        return None
+    perm = _leaf_axes(layout, len(w_shape))
+    if perm is None:
+        return None
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if len(lb) or len(rb):
         return None
@@ -231,12 +240,9 @@ def _conv_positions(eqn, layout: Sequence, w_shape, squeeze) -> tuple | None:
     """For a `conv_general_dilated` of a kernel leaf: the leaf's input axes (all but its output
     feature axis) and the output's axes along which the kernel is shared (all but the feature axis),
     after `squeeze` where one reads the output; `None` where the layout is not a transpose."""
-    perm = list(range(len(w_shape)))  # axis `a` of the operand is axis `perm[a]` of the leaf
-    for c in layout:
-        if c.primitive is TRANSPOSE:
-            perm = [perm[p] for p in c.params["permutation"]]
-        elif c.primitive not in SAME_LAYOUT:
-            return None
+    perm = _leaf_axes(layout, len(w_shape))
+    if perm is None:
+        return None
     _, rhs_spec, out_spec = eqn.params["dimension_numbers"]
     feature = out_spec[1]
     gone = set(squeeze.params["dimensions"]) if squeeze is not None else set()
