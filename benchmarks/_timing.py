@@ -28,6 +28,22 @@ def time_calls(call, *, min_reps, max_reps, min_time):
     return statistics.median(times), len(times)
 
 
+def machine_meta(**extra) -> dict:
+    """What a result file records of the software and the machine, with `extra`."""
+    import equinox as eqx
+
+    return {
+        "jax": jax.__version__,
+        "eqx": eqx.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        **extra,
+    }
+
+
 def compile_timed(fn, args):
     """Lower + compile `jax.jit(fn)` on `args`: the compiled function, and a record of the lowering
     and compile times and XLA's memory analysis (`time_s` still `None`)."""
@@ -83,7 +99,6 @@ def compile_s(rec):
 def benchmark_main(description, *, cells, quick_help, reps, run_eqtrace, table, run_braintrace, bt_table):
     """The command line shared by the benchmark scripts: parse the options, print the machine, run
     eqtrace's grid and (unless told not to) braintrace's, print both tables, write `--out`."""
-    import equinox as eqx
 
     min_reps, max_reps, min_time = reps
     p = argparse.ArgumentParser(description=description)
@@ -99,16 +114,7 @@ def benchmark_main(description, *, cells, quick_help, reps, run_eqtrace, table, 
     p.add_argument("--braintrace-only", action="store_true", help="only the braintrace comparison")
     args = p.parse_args()
 
-    meta = {
-        "jax": jax.__version__,
-        "eqx": eqx.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "python": sys.version.split()[0],
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "quick": args.quick,
-    }
+    meta = machine_meta(quick=args.quick)
     print(json.dumps(meta), flush=True)
     t0 = time.perf_counter()
     results = [] if args.braintrace_only else run_eqtrace(args)

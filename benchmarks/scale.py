@@ -38,14 +38,12 @@ import argparse
 import json
 import os
 import pathlib
-import platform
-import sys
 import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from _timing import compile_timed, fmt_bytes, fmt_time, measure, ratio, time_calls
+from _timing import compile_timed, fmt_bytes, fmt_time, machine_meta, measure, ratio, time_calls
 from bench_d_rtrl import make_fns, make_problem, mse, N_IN, N_OUT
 from bench_es_d_rtrl import ALGOS, build
 
@@ -434,6 +432,14 @@ def tables(data):
 # Figures.
 
 
+def _style_axis(ax, axis: str, base: dict) -> None:
+    """Log axes, the swept axis's label, and the other axes' base values as the title."""
+    fixed = ", ".join(f"{'B' if k == 'batch' else k}={base[k]}" for k in AXES if k != axis)
+    xlabel = {"n": "hidden n", "batch": "batch B", "T": "sequence length T"}[axis]
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, title=f"GRU, {fixed}")
+    ax.grid(True, which="major", alpha=0.3)
+
+
 def plot(data, out_dir):
     import matplotlib
     import matplotlib.ticker
@@ -461,14 +467,7 @@ def plot(data, out_dir):
                 color=colour,
                 label=label,
             )
-        fixed = ", ".join(f"{'B' if k == 'batch' else k}={base[k]}" for k in AXES if k != axis)
-        ax.set(
-            xscale="log",
-            yscale="log",
-            xlabel={"n": "hidden n", "batch": "batch B", "T": "sequence length T"}[axis],
-            title=f"GRU, {fixed}",
-        )
-        ax.grid(True, which="major", alpha=0.3)
+        _style_axis(ax, axis, base)
     axes[0].set_ylabel("XLA temp memory (MiB)")
     axes[0].legend()
     oo = data.get("oom")
@@ -526,14 +525,7 @@ def plot(data, out_dir):
                 mfc="white",
                 ls="none",
             )
-        fixed = ", ".join(f"{'B' if k == 'batch' else k}={base[k]}" for k in AXES if k != axis)
-        ax.set(
-            xscale="log",
-            yscale="log",
-            xlabel={"n": "hidden n", "batch": "batch B", "T": "sequence length T"}[axis],
-            title=f"GRU, {fixed}",
-        )
-        ax.grid(True, which="major", alpha=0.3)
+        _style_axis(ax, axis, base)
     axes[0].set_ylabel("wall time per step (ms)")
     axes[0].legend()
     fig.suptitle(
@@ -573,17 +565,7 @@ def main():
         return
     cfg = QUICK if args.quick else FULL
     out = {
-        "meta": {
-            "jax": jax.__version__,
-            "eqx": eqx.__version__,
-            "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()],
-            "python": sys.version.split()[0],
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-            "quick": args.quick,
-            "max_run_s": args.max_run_s,
-        },
+        "meta": machine_meta(quick=args.quick, max_run_s=args.max_run_s),
         "base": cfg["base"],
         "memory": [],
         "sweep": [],

@@ -29,9 +29,7 @@ it would on a live stream):
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 
 import equinox as eqx
@@ -39,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _timing import machine_meta
 
 import eqtrace
 import eqtrace.nn as enn
@@ -243,16 +242,7 @@ def main():
     p.add_argument("--repeats", type=int, default=7, help="timed loops per variant (fastest, median)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
-    meta = {
-        "jax": jax.__version__,
-        "eqx": eqx.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "python": sys.version.split()[0],
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_average": os.getloadavg(),
-    }
+    meta = machine_meta(load_average=os.getloadavg())
     print(json.dumps(meta), flush=True)
     rows = []
     for n in (int(s) for s in args.hidden.split(",")):
