@@ -99,14 +99,19 @@ def bptt_step_grads(model, state, xs, targets, loss_fn):
     return jax.jacrev(losses)(params)
 
 
+def rule_steps(rule, graph, model, state, xs, targets, loss_fn):
+    """Yields `(traces, grads)` after each step of `rule` (its jitted `step`, from `rule.init`)."""
+    step = eqx.filter_jit(rule.step)
+    traces = rule.init(graph, model, state)
+    for x, target in zip(xs, targets):
+        traces, _, _, grads = step(graph, model, traces, x, target, loss_fn)
+        yield traces, grads
+
+
 def d_rtrl_step_grads(graph, model, state, xs, targets, loss_fn):
-    """Each step's D-RTRL gradient (`eqtrace.d_rtrl_step` from zero traces), stacked along a leading
-    time axis, in the layout of `bptt_step_grads`."""
-    step = eqx.filter_jit(eqtrace.d_rtrl_step)
-    traces, grads = eqtrace.d_rtrl_init(graph, model, state), []
-    for x, t in zip(xs, targets):
-        traces, _, _, g = step(graph, model, traces, x, t, loss_fn)
-        grads.append(g)
+    """Each step's D-RTRL gradient (from zero traces), stacked along a leading time axis, in the
+    layout of `bptt_step_grads`."""
+    grads = [g for _, g in rule_steps(eqtrace.DRTRL(), graph, model, state, xs, targets, loss_fn)]
     return jax.tree.map(lambda *a: jnp.stack(a), *grads)
 
 

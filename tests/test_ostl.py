@@ -26,18 +26,9 @@ from .brute_force import (
     traced_hidden_vector,
     with_traced_hidden,
 )
-from .helpers import assert_tree_allclose, check_drivers_sum_steps
+from .helpers import assert_tree_allclose, check_drivers_sum_steps, rule_steps
 from .test_d_rtrl import _exact_models, _per_step_bptt, _random_steps, _sequence, MODELS, mse
 from .test_eprop import _recurrent
-
-
-def _run_rule(rule, graph, model, state, xs, targets):
-    """Yields `(traces, grads)` after each step of `rule`."""
-    step = eqx.filter_jit(rule.step)
-    traces = rule.init(graph, model, state)
-    for x, target in zip(xs, targets):
-        traces, _, _, grads = step(graph, model, traces, x, target, mse)
-        yield traces, grads
 
 
 # ------------------------------------------------------------------------------------------
@@ -126,7 +117,7 @@ def test_ostl_equals_brute_force_reference_per_step(name, recurrent):
     graph = eqtrace.compile_etrace_graph(model, xs[0], state)
     memory, ref_state = {}, state
     reference = eqx.filter_jit(ostl_reference_step)
-    steps = _run_rule(eqtrace.OSTL(recurrent=recurrent), graph, model, state, xs, targets)
+    steps = rule_steps(eqtrace.OSTL(recurrent=recurrent), graph, model, state, xs, targets, mse)
     for x, target, (traces, grads) in zip(xs, targets, steps):
         memory, ref_grads, ref_state = reference(graph, model, ref_state, x, target, memory, recurrent)
         assert_tree_allclose(jax.tree.leaves(grads), ref_grads)
@@ -167,7 +158,7 @@ def test_ostl_equals_bptt_per_step_on_one_layer(recurrent):
         assert all(e.reason == "non_temporal" for e in graph.excluded_weights), name
         xs, targets = _sequence(model(x0, state)[0].shape[0], 3, 4, jax.random.key(1))
         xs = 3.0 * xs  # spiking neurons fire
-        steps = _run_rule(eqtrace.OSTL(recurrent=recurrent), graph, model, state, xs, targets)
+        steps = rule_steps(eqtrace.OSTL(recurrent=recurrent), graph, model, state, xs, targets, mse)
         live = None
         for t, (_, grads) in enumerate(steps):
             assert_tree_allclose(grads, _per_step_bptt(model, state, xs, targets, t))
@@ -196,7 +187,7 @@ def test_ostl_is_not_bptt_beyond_its_claim(name, recurrent):
     state = model.init_state()
     xs, targets = _random_steps(model, 4)
     graph = eqtrace.compile_etrace_graph(model, xs[0], state)
-    grads = list(_run_rule(eqtrace.OSTL(recurrent=recurrent), graph, model, state, xs, targets))[-1][1]
+    grads = list(rule_steps(eqtrace.OSTL(recurrent=recurrent), graph, model, state, xs, targets, mse))[-1][1]
     exact = _per_step_bptt(model, state, xs, targets, 3)
     gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(exact)))
     assert gap > 1e-6
@@ -208,8 +199,8 @@ def test_ostl_without_h_is_d_rtrl_window_0(name):
     state = model.init_state()
     xs, targets = _random_steps(model, 3)
     graph = eqtrace.compile_etrace_graph(model, xs[0], state)
-    ostl = _run_rule(eqtrace.OSTL(), graph, model, state, xs, targets)
-    drtrl = _run_rule(eqtrace.DRTRL(window=0), graph, model, state, xs, targets)
+    ostl = rule_steps(eqtrace.OSTL(), graph, model, state, xs, targets, mse)
+    drtrl = rule_steps(eqtrace.DRTRL(window=0), graph, model, state, xs, targets, mse)
     for (o_traces, o_grads), (d_traces, d_grads) in zip(ostl, drtrl):
         assert_tree_allclose(o_grads, d_grads)
         assert_tree_allclose(list(o_traces.eps), list(d_traces.eps))

@@ -10,9 +10,9 @@ import pytest
 
 import eqtrace
 
-from .helpers import assert_tree_allclose
+from .helpers import assert_tree_allclose, rule_steps
 from .test_d_rtrl import _exact_models, _per_step_bptt, _sequence, mse
-from .test_ottt import _detached_lif, _run_rule, check_drivers, presynaptic_reference, recurrent_alif
+from .test_ottt import _detached_lif, check_drivers, presynaptic_reference, recurrent_alif
 from .test_spiking import _inputs
 
 
@@ -22,12 +22,12 @@ def test_otpe_equals_brute_force_reference_per_step():
     xs, targets = _inputs(3, 2, 4, jax.random.key(6))
     graph = eqtrace.compile_etrace_graph(model, xs[0], state)
     reference = presynaptic_reference(graph, model, state, xs, targets, 0.7, "otpe")
-    steps = _run_rule(eqtrace.OTPE(decay=0.7), graph, model, state, xs, targets)
+    steps = rule_steps(eqtrace.OTPE(decay=0.7), graph, model, state, xs, targets, mse)
     for (_, grads), ref in zip(steps, reference, strict=True):
         assert_tree_allclose(jax.tree.leaves(grads), ref)
     assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
     # The postsynaptic traces carry the ALIF's own dynamics: OTTT's estimate differs.
-    ottt = list(_run_rule(eqtrace.OTTT(decay=0.7), graph, model, state, xs, targets))[-1][1]
+    ottt = list(rule_steps(eqtrace.OTTT(decay=0.7), graph, model, state, xs, targets, mse))[-1][1]
     assert float(jnp.max(jnp.abs(ottt.layer.W.weight - grads.layer.W.weight))) > 1e-6
 
 
@@ -36,7 +36,7 @@ def test_otpe_equals_bptt_where_ottt_is_exact():
     state = model.init_state()
     xs, targets = _inputs(3, 2, 6, jax.random.key(3))
     graph = eqtrace.compile_etrace_graph(model, xs[0], state)
-    otpe = _run_rule(eqtrace.OTPE(decay=decay), graph, model, state, xs, targets)
+    otpe = rule_steps(eqtrace.OTPE(decay=decay), graph, model, state, xs, targets, mse)
     for t, (_, grads) in enumerate(otpe):
         assert_tree_allclose(grads, _per_step_bptt(model, state, xs, targets, t))
     assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
@@ -49,8 +49,8 @@ def test_otpe_credits_a_time_constant_exactly_through_the_neurons_own_dynamics()
     _, model, state = _exact_models(readout=True)[2]
     xs, targets = _sequence(2, 3, 5, jax.random.key(1))
     graph = eqtrace.compile_etrace_graph(model, xs[0], state)
-    otpe = _run_rule(eqtrace.OTPE(decay=0.8), graph, model, state, xs, targets)
-    ottt = _run_rule(eqtrace.OTTT(decay=0.8), graph, model, state, xs, targets)
+    otpe = rule_steps(eqtrace.OTPE(decay=0.8), graph, model, state, xs, targets, mse)
+    ottt = rule_steps(eqtrace.OTTT(decay=0.8), graph, model, state, xs, targets, mse)
     gap = 0.0
     for t, ((_, g_pe), (_, g_tt)) in enumerate(zip(otpe, ottt)):
         bptt = _per_step_bptt(model, state, xs, targets, t)

@@ -3,7 +3,6 @@ sensitivities `Σ_k λ^k ∂y_{t-k}/∂θ` summed naively from full Jacobians, t
 `∂L_t/∂y_t`), per step, on a recurrent ALIF network with a leaky readout; BPTT where each state is a
 leaky integrator of its operations' outputs with leak `λ`; the drivers under `eqx.filter_jit`."""
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +14,7 @@ from eqtrace._compiler._run import unflatten_step_outputs
 from eqtrace._ops import etp_op_of
 
 from .brute_force import _flat, _group_rows, _run, _step_parts
-from .helpers import assert_tree_allclose, check_drivers_sum_steps
+from .helpers import assert_tree_allclose, check_drivers_sum_steps, rule_steps
 from .test_d_rtrl import _per_step_bptt, LeakyIntegrator, mse
 from .test_spiking import _inputs, _net
 
@@ -93,14 +92,6 @@ def presynaptic_reference(graph, model, state, xs, targets, decay, kind):
     return out
 
 
-def _run_rule(rule, graph, model, state, xs, targets):
-    step = eqx.filter_jit(rule.step)
-    traces = rule.init(graph, model, state)
-    for x, target in zip(xs, targets):
-        traces, _, _, grads = step(graph, model, traces, x, target, mse)
-        yield traces, grads
-
-
 def test_ottt_equals_brute_force_reference_per_step():
     """A recurrent ALIF layer (learnable time constants: an operation without input) read by a leaky
     readout (a second hidden group): OTTT is far from exact here, and matches its own reference."""
@@ -110,7 +101,7 @@ def test_ottt_equals_brute_force_reference_per_step():
     graph = eqtrace.compile_etrace_graph(model, xs[0], state)
     assert len(graph.hidden_groups) == 2
     reference = presynaptic_reference(graph, model, state, xs, targets, 0.7, "ottt")
-    steps = _run_rule(eqtrace.OTTT(decay=0.7), graph, model, state, xs, targets)
+    steps = rule_steps(eqtrace.OTTT(decay=0.7), graph, model, state, xs, targets, mse)
     for t, ((traces, grads), ref) in enumerate(zip(steps, reference, strict=True)):
         assert_tree_allclose(jax.tree.leaves(grads), ref)
         assert_tree_allclose(traces.count, jnp.asarray(sum(0.7**k for k in range(t + 1))))
@@ -138,12 +129,12 @@ def test_ottt_equals_bptt_where_the_neurons_leak_is_decay(name):
         state = model.init_state()
     xs, targets = _inputs(3, 2, 6, jax.random.key(3))
     graph = eqtrace.compile_etrace_graph(model, xs[0], state)
-    steps = _run_rule(eqtrace.OTTT(decay=decay), graph, model, state, xs, targets)
+    steps = rule_steps(eqtrace.OTTT(decay=decay), graph, model, state, xs, targets, mse)
     for t, (_, grads) in enumerate(steps):
         assert_tree_allclose(grads, _per_step_bptt(model, state, xs, targets, t))
     assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
     # With another decay the estimate is off: the test can fail.
-    wrong = list(_run_rule(eqtrace.OTTT(decay=decay / 2), graph, model, state, xs, targets))[-1][1]
+    wrong = list(rule_steps(eqtrace.OTTT(decay=decay / 2), graph, model, state, xs, targets, mse))[-1][1]
     leaf = (lambda g: g.w) if name == "leaky_integrator" else (lambda g: g.layer.W.weight)
     bptt = _per_step_bptt(model, state, xs, targets, len(xs) - 1)
     assert float(jnp.max(jnp.abs(leaf(wrong) - leaf(bptt)))) > 1e-3
@@ -156,7 +147,7 @@ def check_drivers(rule, model, state, graph, n_in, n_out, *, B=2, T=3):
     xs, targets = jax.vmap(lambda k: _inputs(n_in, n_out, T, k))(keys)
 
     def steps(xs, targets):
-        return (g for _, g in _run_rule(rule, graph, model, state, xs, targets))
+        return (g for _, g in rule_steps(rule, graph, model, state, xs, targets, mse))
 
     _, grads = check_drivers_sum_steps(rule, model, state, xs, targets, mse, steps)
     assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))

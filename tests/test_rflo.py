@@ -15,9 +15,9 @@ import eqtrace.nn as enn
 from eqtrace._compiler._run import unflatten_step_outputs
 
 from .brute_force import _flat, _group_rows, _run, _step_parts, memory_as_traces
-from .helpers import assert_tree_allclose
+from .helpers import assert_tree_allclose, rule_steps
 from .test_d_rtrl import _per_step_bptt, mse
-from .test_ottt import _run_rule, check_drivers
+from .test_ottt import check_drivers
 from .test_spiking import _inputs, _net
 
 
@@ -61,7 +61,7 @@ def test_rflo_is_eprop_on_its_own_network(feedback):
     ]
     if feedback == "symmetric":
         rules.append(eqtrace.DRTRL(window=0))
-    runs = [list(_run_rule(rule, graph, model, state, xs, targets)) for rule in rules]
+    runs = [list(rule_steps(rule, graph, model, state, xs, targets, mse)) for rule in rules]
     for steps in zip(*runs, strict=True):
         (traces, grads), *others = steps
         for other_traces, other_grads in others:
@@ -77,11 +77,13 @@ def test_rflo_equals_bptt_on_a_leaky_layer_without_recurrence():
     model, state = _rate_net(recurrent=False)
     xs, targets = _inputs(3, 2, 5, jax.random.key(2))
     graph = eqtrace.compile_etrace_graph(model, xs[0], state)
-    steps = _run_rule(eqtrace.RFLO(tau=4.0, feedback="symmetric"), graph, model, state, xs, targets)
+    steps = rule_steps(eqtrace.RFLO(tau=4.0, feedback="symmetric"), graph, model, state, xs, targets, mse)
     for t, (_, grads) in enumerate(steps):
         assert_tree_allclose(grads, _per_step_bptt(model, state, xs, targets, t))
     # With another time constant the trace is off.
-    wrong = list(_run_rule(eqtrace.RFLO(tau=2.0, feedback="symmetric"), graph, model, state, xs, targets))
+    wrong = list(
+        rule_steps(eqtrace.RFLO(tau=2.0, feedback="symmetric"), graph, model, state, xs, targets, mse)
+    )
     bptt = _per_step_bptt(model, state, xs, targets, len(xs) - 1)
     assert float(jnp.max(jnp.abs(wrong[-1][1].W.weight - bptt.W.weight))) > 1e-4
 
@@ -144,14 +146,16 @@ def test_rflo_equals_brute_force_reference_recurrent_lif(feedback):
     reference = _reference(graph, model, state, xs, targets, 0.8, traces.feedback)
     live = None
     for (traces, grads), (ref_grads, ref_traces) in zip(
-        _run_rule(rule, graph, model, state, xs, targets), reference
+        rule_steps(rule, graph, model, state, xs, targets, mse), reference
     ):
         assert_tree_allclose(jax.tree.leaves(grads), ref_grads)
         assert_tree_allclose(list(traces.eps), ref_traces)
         nonzero = [bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads)]
         live = nonzero if live is None else [a or b for a, b in zip(live, nonzero, strict=True)]
     assert all(live)  # every leaf got a non-zero gradient at some step (the readout: when it spikes)
-    eprop = list(_run_rule(eqtrace.EProp(feedback=feedback, seed=1), graph, model, state, xs, targets))[-1][1]
+    eprop = list(rule_steps(eqtrace.EProp(feedback=feedback, seed=1), graph, model, state, xs, targets, mse))[
+        -1
+    ][1]
     assert not np.allclose(eprop.layer.W.weight, grads.layer.W.weight)
 
 

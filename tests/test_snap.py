@@ -12,7 +12,7 @@ import eqtrace
 import eqtrace.nn as enn
 
 from .brute_force import memory_as_traces, snap1_reference_step, window_reference
-from .helpers import assert_tree_allclose, check_drivers_sum_steps, tree_allclose
+from .helpers import assert_tree_allclose, check_drivers_sum_steps, rule_steps, tree_allclose
 from .models import StackedCells
 from .test_d_rtrl import _random_steps, MODELS, mse, SpikingNet
 
@@ -24,15 +24,6 @@ ETP_RECURRENT = ["single_layer_rnn", "GRUCell", "two_layer_gru", "LSTMCell", "re
 SNAP_MODELS = ETP_RECURRENT + ["mixing"]
 
 
-def _run_rule(rule, graph, model, state, xs, targets):
-    """Yields `(traces, grads)` after each step of `rule`."""
-    step = eqx.filter_jit(rule.step)
-    traces = rule.init(graph, model, state)
-    for x, target in zip(xs, targets):
-        traces, _, _, grads = step(graph, model, traces, x, target, mse)
-        yield traces, grads
-
-
 @pytest.mark.parametrize("window", [0, 1])
 @pytest.mark.parametrize("name", SNAP_MODELS)
 def test_snap1_equals_brute_force_reference_per_step(name, window):
@@ -41,7 +32,7 @@ def test_snap1_equals_brute_force_reference_per_step(name, window):
     xs, targets = _random_steps(model, 4)
     graph = eqtrace.compile_etrace_graph(model, xs[0], state)
     memory, ref_state = {}, state
-    steps = _run_rule(eqtrace.SnAp1(window=window), graph, model, state, xs, targets)
+    steps = rule_steps(eqtrace.SnAp1(window=window), graph, model, state, xs, targets, mse)
     for x, target, (traces, grads) in zip(xs, targets, steps):
         memory, ref_grads, ref_state = snap1_reference_step(
             graph, model, ref_state, x, target, mse, memory, window
@@ -52,7 +43,7 @@ def test_snap1_equals_brute_force_reference_per_step(name, window):
         assert_tree_allclose(list(traces.eps), ref_traces)
         assert_tree_allclose(traces.state, ref_state)
     # The recurrence through ETP operations reached the traces: they are not D-RTRL's.
-    drtrl = list(_run_rule(eqtrace.DRTRL(window=window), graph, model, state, xs, targets))[-1][0]
+    drtrl = list(rule_steps(eqtrace.DRTRL(window=window), graph, model, state, xs, targets, mse))[-1][0]
     assert tree_allclose(list(traces.eps), list(drtrl.eps)) == (name not in ETP_RECURRENT)
 
 
@@ -63,7 +54,7 @@ def test_snap1_window_equals_brute_force_reference_per_step(name):
     state = model.init_state()
     xs, targets = _random_steps(model, 5)
     graph = eqtrace.compile_etrace_graph(model, xs[0], state)
-    steps = _run_rule(eqtrace.SnAp1(window=3), graph, model, state, xs, targets)
+    steps = rule_steps(eqtrace.SnAp1(window=3), graph, model, state, xs, targets, mse)
     reference = window_reference(graph, model, state, xs, targets, mse, 3, snap1_reference_step, {})
     for (traces, grads), (ref_grads, memory) in zip(steps, reference):
         assert_tree_allclose(jax.tree.leaves(grads), ref_grads)
@@ -97,8 +88,8 @@ def test_snap1_is_d_rtrl_where_the_patterns_coincide(name, window):
     state = model.init_state()
     xs, targets = _random_steps(model, 5)
     graph = eqtrace.compile_etrace_graph(model, xs[0], state)
-    snap = _run_rule(eqtrace.SnAp1(window=window), graph, model, state, xs, targets)
-    drtrl = _run_rule(eqtrace.DRTRL(window=window), graph, model, state, xs, targets)
+    snap = rule_steps(eqtrace.SnAp1(window=window), graph, model, state, xs, targets, mse)
+    drtrl = rule_steps(eqtrace.DRTRL(window=window), graph, model, state, xs, targets, mse)
     for (s_traces, s_grads), (d_traces, d_grads) in zip(snap, drtrl):
         assert_tree_allclose(s_grads, d_grads)
         assert_tree_allclose(s_traces, d_traces)
