@@ -178,11 +178,11 @@ def test_bad_options_and_traces():
     graph = eqtrace.compile_etrace_graph(model, xs[0], state)
     rule = eqtrace.SnAp1()
     traces = rule.init(graph, model, state)
-    with pytest.raises(ValueError, match="one example at a time"):
+    with pytest.raises(ValueError, match="`traces` leaf"):  # one example's traces, stepped as a batch
         rule.step(graph, model, traces, xs[0], targets[0], mse, batched=True)
     other = MODELS["GRUCell"]
     other_traces = rule.init(eqtrace.compile_etrace_graph(other, xs[0], other.init_state()), other, state)
     with pytest.raises((TypeError, ValueError), match=r"SnAp1\(\)\.init"):
         rule.step(graph, model, other_traces, xs[0], targets[0], mse)
     assert rule.traces_relation(graph.hidden_param_op_relations[0])
-    assert not eqtrace.SnAp1.batch_native
+    assert eqtrace.SnAp1.batch_native

@@ -13,7 +13,10 @@ keeps the same trace per position $p$ along them, $\epsilon_t[p, \dots, n, s]$, 
 $\partial h_t[p, n, s] / \partial W[\dots, n]$ as its new term, and the gradient sums over $p$ too.
 """
 
+import dataclasses
+import functools
 import math
+import operator
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
@@ -100,7 +103,9 @@ def instant_trace(primitive, params: Mapping, operands: list, j: int, d_f: jax.A
         return op.impl(*operands[:j], w, *operands[j + 1 :], **params)
 
     _, vjp = jax.vjp(f, operands[j])
-    return jax.vmap(lambda ct: vjp(ct)[0], in_axes=-1, out_axes=-1)(d_f)
+    # One VJP per state, stacked last: a `vmap` over the state axis would lay the result out
+    # state-first and transpose it into a trace-sized copy.
+    return jnp.stack([vjp(d_f[..., s])[0] for s in range(d_f.shape[-1])], axis=-1)
 
 
 def position_jacobian(rel: HiddenParamOpRelation, operands: list) -> jax.Array:
@@ -111,10 +116,9 @@ def position_jacobian(rel: HiddenParamOpRelation, operands: list) -> jax.Array:
     each output position reads only at its own)."""
     op = etp_op(rel.primitive)
     j, w = rel.operand_index, operands[rel.operand_index]
-    if op.weight_position_jacobian is not None and not rel.params.get("vmap_in_axes"):
-        jac = op.weight_position_jacobian(j, *operands, **rel.params)
-        if jac is not None:  # the operation's own, faster form (a convolution's patches)
-            return jac
+    jac = own_position_jacobian(rel, operands)
+    if jac is not None:
+        return jac
 
     def f(w):
         return op.impl(*operands[:j], w, *operands[j + 1 :], **rel.params)
@@ -133,6 +137,15 @@ def position_jacobian(rel: HiddenParamOpRelation, operands: list) -> jax.Array:
     order = [k_in + p for p in range(n_shared)]
     order += [rel.input_axes.index(a) if a in rel.input_axes else next(others) for a in range(w.ndim)]
     return jnp.transpose(cols, order)
+
+
+def own_position_jacobian(rel: HiddenParamOpRelation, operands: list) -> jax.Array | None:
+    """The operation's own form of `∂y[p, n]/∂W[..., n]` (a convolution's patches, a dense layer's
+    broadcast input), or `None` where it has none for this weight."""
+    op = etp_op(rel.primitive)
+    if op.weight_position_jacobian is None or rel.params.get("vmap_in_axes"):
+        return None
+    return op.weight_position_jacobian(rel.operand_index, *operands, **rel.params)
 
 
 def _others(rel: HiddenParamOpRelation, ndim: int) -> tuple[int, ...]:
@@ -168,24 +181,68 @@ def in_weight_layout(rel: HiddenParamOpRelation, per_position: jax.Array) -> jax
     return jnp.expand_dims(per_position, tuple(n + a for a in rel.input_axes))
 
 
-def contract(rel: HiddenParamOpRelation, signal: jax.Array, trace: jax.Array) -> jax.Array:
+def contract(rel: HiddenParamOpRelation, signal: jax.Array, trace: jax.Array, *, batched: bool = False) -> jax.Array:
     """`Σ_{p,n,c} signal[p, n, c] trace[p, ..., n, c]`, weight-shaped (zero outside the part `rel`
     reads): a per-position signal (`varshape + (S,)`) against a trace, broadcast along the weight's
-    input axes (and summed over the shared positions of a shared weight)."""
-    signal = in_weight_layout(rel, signal)
-    part = jnp.sum(jnp.broadcast_to(signal, trace.shape) * trace, axis=-1)
+    input axes (and summed over the shared positions of a shared weight). `batched`: both carry a
+    leading batch axis, summed over too."""
+    layout = lambda s: in_weight_layout(rel, s)  # noqa: E731
+    signal = (jax.vmap(layout) if batched else layout)(signal)
+
+    # The state axis as a sum of slices that keep it (size 1), not a reduction: XLA fuses it with
+    # the batch sum, and a trace-sized squeeze can cost a copy of the trace.
+    num_states = trace.shape[-1]
+    slices = [a[..., c : c + 1] for a in (signal, trace) for c in range(num_states)]
+
+    def product(*slices):
+        return sum(s * t for s, t in zip(slices[:num_states], slices[num_states:]))
+
+    part = (batch_sum(product, *slices) if batched else product(*slices))[..., 0]
     if rel.shared_axes:
         part = jnp.sum(part, axis=tuple(range(len(rel.shared_axes))))
     return jnp.pad(part, rel.position_pad) if rel.position_pad else part
+
+
+_FAN_IN = 8
+
+
+def batch_sum(f: Callable, *operands: jax.Array) -> jax.Array:
+    """`Σ_b f(operands[0][b], operands[1][b], ...)` for an element-wise `f`, in stages of `_FAN_IN`
+    consecutive examples. XLA's CPU reduction over the leading axis of a trace-sized operand inside
+    a loop runs at a tenth of memory speed, and one fusion adding many far-apart rows at once
+    defeats the CPU's prefetching; a few rows at a time stream, and `f` fuses into the first stage
+    instead of being written out whole."""
+    n = operands[0].shape[0]
+    while n > _FAN_IN:
+        m = n // _FAN_IN
+        # Partial sum `j` adds examples `8j … 8j + 7` (strided slices: a reshape may copy).
+        strided = [[o[k : m * _FAN_IN : _FAN_IN] for o in operands] for k in range(_FAN_IN)]
+        total = functools.reduce(operator.add, [f(*rows) for rows in strided])
+        if n > m * _FAN_IN:  # the rows left over, as one more partial sum
+            rest = [f(*(o[k] for o in operands)) for k in range(m * _FAN_IN, n)]
+            total = jnp.concatenate([total, functools.reduce(operator.add, rest)[None]])
+        operands, f, n = (jax.lax.optimization_barrier(total),), lambda a: a, total.shape[0]
+    return functools.reduce(operator.add, [f(*(o[k] for o in operands)) for k in range(n)])
+
+
+def after(value: jax.Array) -> jax.Array:
+    """A zero computed from all of `value` (`-0.0`, the exact additive identity; `+0.0` where
+    `value` is not finite). Added to a trace before its update, it orders the update after every
+    read of the old trace that `value` needs, so that XLA overwrites the trace in place; without
+    it XLA cannot order them and keeps a copy of every trace each step."""
+    total = jnp.sum(value)  # a reduction: one small kernel, not recomputed inside the update
+    return jnp.where(jnp.isfinite(total), -jnp.zeros((), value.dtype), jnp.zeros((), value.dtype))
 
 
 def trace_update(rel: HiddenParamOpRelation, g: int, lin, eps: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The new trace of `rel` and group `g` in two parts: the past carried through the blocks,
     `D ε`, and this step's `∂h_t/∂W`."""
     operands, d_f = lin.operands[rel.eqn_index], lin.d_f[rel.eqn_index][g]
-    if rel.shared_axes:
-        jac = _part(rel, position_jacobian(rel, operands))
-        instant = jac[..., None] * in_weight_layout(rel, d_f)
+    # The operation's own `∂y/∂W` is a broadcast (fused into the update); its VJP is a product that
+    # XLA writes out, often transposed.
+    jac = position_jacobian(rel, operands) if rel.shared_axes else own_position_jacobian(rel, operands)
+    if jac is not None:
+        instant = _part(rel, jac)[..., None] * in_weight_layout(rel, d_f)
     else:
         instant = _part(rel, instant_trace(rel.primitive, rel.params, operands, rel.operand_index, d_f))
     return apply_blocks(in_weight_layout(rel, lin.d_total[g]), eps), instant
@@ -198,7 +255,9 @@ def d_rtrl_step(
     x: PyTree,
     target: PyTree,
     loss_fn: Callable,
-) -> tuple[DRTRLTraces, PyTree, Float[Array, ""], PyTree]:
+    *,
+    batched: bool = False,
+) -> tuple[DRTRLTraces, PyTree, Float[Array, "*batch"], PyTree]:
     r"""Advance D-RTRL by one step.
 
     **Arguments:**
@@ -208,9 +267,11 @@ def d_rtrl_step(
     - `traces`: the [`eqtrace.DRTRLTraces`][] after the previous step.
     - `x`: this step's input; `target`: this step's target.
     - `loss_fn`: `loss_fn(y, target) -> scalar`, the per-step loss $L_t$.
-
-    Batch with `jax.vmap` (over `traces`, `x` and `target`, not `params`): D-RTRL's traces are per
-    example anyway, so per-example weight gradients add only a fraction of their memory.
+    - `batched`: `traces` (from a `jax.vmap`-ed [`eqtrace.d_rtrl_init`][]), `x` and `target` carry
+      a leading batch axis; the loss is the batch mean, and its gradient is contracted over the
+      batch at this step (one weight-sized gradient instead of one per example, as
+      [`eqtrace.batch_grad`][] uses it). `jax.vmap`-ing the unbatched step gives per-example
+      gradients instead.
 
     **Returns:**
 
@@ -218,15 +279,27 @@ def d_rtrl_step(
     contribution to $\nabla_\theta \sum_t L_t$ in the structure of
     `eqx.filter(params, eqx.is_inexact_array)`, `None` at frozen leaves.
     """
-    check_traces(traces, DRTRLTraces, d_rtrl_init, graph, params)
-    return trace_step(graph, params, traces, x, target, loss_fn, full_jacobian=False)
+    check_traces(traces, DRTRLTraces, d_rtrl_init, graph, params, batched=batched)
+    return trace_step(graph, params, traces, x, target, loss_fn, full_jacobian=False, batched=batched)
 
 
 def trace_step(
-    graph: ETraceGraph, params, traces: DRTRLTraces, x, target, loss_fn: Callable, *, full_jacobian: bool
+    graph: ETraceGraph,
+    params,
+    traces: DRTRLTraces,
+    x,
+    target,
+    loss_fn: Callable,
+    *,
+    full_jacobian: bool,
+    batched: bool = False,
 ):
     """One step of the weight-shaped traces of D-RTRL (`full_jacobian=False`: the per-position
-    blocks with ETP outputs held fixed) or of SnAp-1 (`True`: those of the full step Jacobian)."""
+    blocks with ETP outputs held fixed) or of SnAp-1 (`True`: those of the full step Jacobian).
+
+    `batched`: the traces, `x` and `target` carry a leading batch axis and the loss is the batch
+    mean; the traces stay per example, the gradient is contracted over the batch at every step,
+    so the carry holds one weight-sized gradient, not one per example."""
     pairs = traced_pairs(graph)
     lin = linearise_step(
         graph,
@@ -238,15 +311,19 @@ def trace_step(
         buffer=traces.buffer,
         diagonal=traces.window == 0,
         full_jacobian=full_jacobian,
+        batched=batched,
     )
     grads = list(lin.grads)
+    # The per-example part of the linearisation (its gradients are the batch's already).
+    per_example = dataclasses.replace(lin, grads=[])
     new_eps = []
     for (r, g), eps in zip(pairs, traces.eps):
         rel = graph.hidden_param_op_relations[r]
         w = rel.weight_index
-        grads[w] = grads[w] + contract(rel, lin.signal[g], eps)
-        history, instant = trace_update(rel, g, lin, eps)
-        new_eps.append(history + instant)
+        grads[w] = grads[w] + contract(rel, lin.signal[g], eps, batched=batched)
+        eps = eps + after(grads[w])  # the update below waits for every read of the old trace
+        update = lambda lin, eps: sum(trace_update(rel, g, lin, eps))  # noqa: E731
+        new_eps.append((jax.vmap(update) if batched else update)(per_example, eps))
     new = DRTRLTraces(
         state=lin.new_state,
         eps=advance(lin, tuple(new_eps), traces.eps),
@@ -268,7 +345,7 @@ class DRTRL(AbstractOnlineAlgorithm):
     """
 
     window: int = eqx.field(static=True, default=1)
-    batch_native: ClassVar[bool] = False
+    batch_native: ClassVar[bool] = True
 
     def __check_init__(self):
         check_window(self.window)
@@ -277,9 +354,7 @@ class DRTRL(AbstractOnlineAlgorithm):
         return d_rtrl_init(graph, params, state, window=self.window)
 
     def step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
-        if batched:
-            raise ValueError("`DRTRL` steps one example at a time: `jax.vmap` it over a batch.")
-        return d_rtrl_step(graph, params, traces, x, target, loss_fn)
+        return d_rtrl_step(graph, params, traces, x, target, loss_fn, batched=batched)
 
     def traces_relation(self, relation):
         return relation.per_position

@@ -70,7 +70,7 @@ class SnAp1(AbstractOnlineAlgorithm):
     """
 
     window: int = eqx.field(static=True, default=1)
-    batch_native: ClassVar[bool] = False
+    batch_native: ClassVar[bool] = True
 
     def __check_init__(self):
         check_window(self.window)
@@ -80,7 +80,7 @@ class SnAp1(AbstractOnlineAlgorithm):
 
     def step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
         self._check_step(graph, params, traces, batched, DRTRLTraces, _snap1_init)
-        return trace_step(graph, params, traces, x, target, loss_fn, full_jacobian=True)
+        return trace_step(graph, params, traces, x, target, loss_fn, full_jacobian=True, batched=batched)
 
     def traces_relation(self, relation: HiddenParamOpRelation) -> bool:
         return relation.per_position

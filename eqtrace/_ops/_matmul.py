@@ -10,8 +10,19 @@ def _matmul_impl(x, w, b=None):
     return y if b is None else y + jnp.broadcast_to(b, y.shape)
 
 
+def _position_jacobian(j, x, w, b=None):
+    """`∂y[n]/∂W[i, n] = x[i]` and `∂y[n]/∂b[n] = 1`, for a vector `x` (position-diagonal)."""
+    if x.ndim != 1:
+        return None
+    return jnp.broadcast_to(x[:, None], w.shape) if j == 1 else jnp.ones_like(b)
+
+
 matmul_op = register_etp_op(
-    "etp_matmul", _matmul_impl, has_input=True, position_diagonal=lambda x_shape, *_: len(x_shape) == 1
+    "etp_matmul",
+    _matmul_impl,
+    has_input=True,
+    position_diagonal=lambda x_shape, *_: len(x_shape) == 1,
+    position_jacobian=_position_jacobian,
 )
 etp_matmul_p = matmul_op.primitive
 

@@ -29,10 +29,10 @@ class EtpOp:
       `(input_axes, shared_axes)`: the output's axes along which the weight is shared, each output
       position reading the weight's entries along its input axes at its other axes (the output's
       other axes, in order); or `None`.
-    - `weight_position_jacobian`: optional, for a weight with `weight_shared_axes`: given `j`, the
-      unbatched operands and the static parameters, `∂y[p, n]/∂W[..., n]` laid out as
-      `shared positions + weight.shape` (a convolution's patches), or `None`; without it, the rules
-      use the operation's JVP, one per entry along the weight's input axes.
+    - `weight_position_jacobian`: optional: given `j`, the unbatched operands and the static
+      parameters, `∂y[p, n]/∂W[..., n]` laid out as `shared positions + weight.shape` (a
+      convolution's patches; `weight.shape` for a position-diagonal weight, a dense layer's broadcast
+      input), or `None`; without it, the rules use the operation's JVP or VJP.
     """
 
     primitive: Primitive
@@ -165,10 +165,11 @@ def register_etp_op(
       each output position reading the weight's entries along its `input_axes` at its other axes
       (the output's other axes, in order), or `None`. Then D-RTRL keeps a trace per position along
       the shared axes (`positions × weight × states`), exact per position.
-    - `position_jacobian`: optional, with `shared_axes`: `position_jacobian(j, *operands, **params)`,
-      for weight operand `j` of unbatched operands, `∂y[p, n]/∂W[..., n]` laid out as `shared
-      positions + weight.shape`, or `None`: a faster form of what the rules otherwise get from the
-      operation's JVP, one per entry along the weight's input axes (a convolution's patches).
+    - `position_jacobian`: optional: `position_jacobian(j, *operands, **params)`, for weight operand
+      `j` of unbatched operands, `∂y[p, n]/∂W[..., n]` laid out as `shared positions + weight.shape`
+      (with `shared_axes`; `weight.shape` for a position-diagonal weight), or `None`: a faster form
+      of what the rules otherwise get from the operation's JVP or VJP (a convolution's patches, a
+      dense layer's input broadcast along the outputs).
 
     **Returns:**
 
