@@ -65,7 +65,9 @@ FULL = {
 QUICK = {
     "n": (16,),
     "batch": (4,),
-    "T": (20, 200),
+    # Both at least ES-D-RTRL's chunk of deferred weight gradients (32 steps at B = 4), which its
+    # memory holds whatever the sequence's length beyond it.
+    "T": (64, 640),
     "base": {"n": 16, "batch": 4, "T": 20},
     "paper": {"layers": 3, "n": 16, "batch": 4, "T": 20, "time_T": 20},
     "oom_Ts": (20,),

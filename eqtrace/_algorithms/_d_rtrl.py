@@ -229,7 +229,9 @@ def after(value: jax.Array) -> jax.Array:
     """A zero computed from all of `value` (`-0.0`, the exact additive identity; `+0.0` where
     `value` is not finite). Added to a trace before its update, it orders the update after every
     read of the old trace that `value` needs, so that XLA overwrites the trace in place; without
-    it XLA cannot order them and keeps a copy of every trace each step."""
+    it XLA cannot order them and keeps a copy of every trace each step. It costs a pass over
+    `value` and the update's overlap with other work: worth it where the traces, one per example,
+    outweigh the gradient (a batch), not for one example."""
     total = jnp.sum(value)  # a reduction: one small kernel, not recomputed inside the update
     return jnp.where(jnp.isfinite(total), -jnp.zeros((), value.dtype), jnp.zeros((), value.dtype))
 
@@ -321,7 +323,8 @@ def trace_step(
         rel = graph.hidden_param_op_relations[r]
         w = rel.weight_index
         grads[w] = grads[w] + contract(rel, lin.signal[g], eps, batched=batched)
-        eps = eps + after(grads[w])  # the update below waits for every read of the old trace
+        if batched and eps.shape[0] > 1:  # the traces outweigh the gradient: update them in place
+            eps = eps + after(grads[w])
         update = lambda lin, eps: sum(trace_update(rel, g, lin, eps))  # noqa: E731
         new_eps.append((jax.vmap(update) if batched else update)(per_example, eps))
     new = DRTRLTraces(

@@ -21,7 +21,7 @@ from ._d_rtrl import DRTRL
 from ._es_d_rtrl import ESDRTRL
 from ._inputs import check_batch_axis, check_frozen, check_sequences, step_example, zeros_shaped
 from ._one_step import trainable_part
-from ._rule import AbstractOnlineAlgorithm
+from ._rule import AbstractDeferringAlgorithm, AbstractOnlineAlgorithm
 
 
 # The strings `online_grad` accepts for a rule with its default options (or the options given).
@@ -33,6 +33,10 @@ SHORTHANDS: dict[str, type[AbstractOnlineAlgorithm]] = {
 
 _GRAPHS: collections.OrderedDict = collections.OrderedDict()  # least recently used first
 _MAX_GRAPHS = 64
+
+# How many rows (steps × rows per step) one contraction of deferred weight gradients aims at: enough
+# for an efficient matmul, few enough that the factors kept stay small. 0: no deferral.
+CONTRACTION_ROWS = 256
 
 
 def graph_for(model, x, state, filter_spec=None) -> ETraceGraph:
@@ -220,6 +224,20 @@ def _online_grad(
         init = lambda s: rule.init(graph, model, s)  # noqa: E731
         traces = jax.vmap(init)(state) if batched else init(state)
     zeros = jtu.tree_map(jnp.zeros_like, trainable_part(graph, model))
+    if isinstance(rule, AbstractDeferringAlgorithm) and CONTRACTION_ROWS > 0:
+
+        def step(traces, xt):
+            return rule.deferred_step(graph, model, traces, xt[0], xt[1], loss_fn, batched=batched)
+
+        # Tracing the step once tells which weights it defers, and their rows per step.
+        factors = jax.eval_shape(step, traces, step_example((xs, targets), 1))[4]
+        length = jtu.tree_leaves(xs)[0].shape[0]
+        if factors and length:
+            rows = max(f.left.shape[0] for f in factors)
+            grads, losses, traces = _scan_in_chunks(
+                step, model, traces, zeros, (xs, targets), _chunk_length(rows, length)
+            )
+            return (grads, losses, traces) if return_traces else (grads, losses)
 
     def body(carry, xt):
         traces, acc = carry
@@ -228,6 +246,53 @@ def _online_grad(
 
     (traces, grads), losses = jax.lax.scan(body, (traces, zeros), (xs, targets))
     return (grads, losses, traces) if return_traces else (grads, losses)
+
+
+def _chunk_length(rows: int, length: int) -> int:
+    """Steps per chunk: about `CONTRACTION_ROWS / rows`, at most the sequence's `length`; a divisor
+    of `length` where one is at least half that, else chunks as even as may be (the last shorter)."""
+    target = min(length, -(-CONTRACTION_ROWS // rows))
+    for chunk in range(target, (target - 1) // 2, -1):
+        if length % chunk == 0:
+            return chunk
+    chunks = -(-length // target)
+    return -(-length // chunks)
+
+
+def _scan_in_chunks(step: Callable, model, traces, zeros, xs, chunk: int):
+    """Scan a rule's `deferred_step` over `xs` in chunks of `chunk` steps (the last may be shorter):
+    the dense gradients are summed step by step, and each chunk's factors, kept in the inner scan's
+    output, are contracted at its end in one matmul per factor (length `chunk × rows`).
+
+    Returns `(grads, losses, traces)`."""
+    struct = jtu.tree_structure(eqx.filter(model, eqx.is_array))  # flat order: `weight_index`
+
+    def body(carry, xt):
+        traces, acc = carry
+        traces, _, loss, g, factors = step(traces, xt)
+        acc = jtu.tree_map(lambda a, d: a if d is None else a + d, acc, g, is_leaf=lambda v: v is None)
+        return (traces, acc), (jnp.mean(loss), factors)
+
+    def run_chunk(carry, xs_chunk):
+        (traces, acc), (losses, factors) = jax.lax.scan(body, carry, xs_chunk)
+        flat = struct.flatten_up_to(acc)
+        for f in factors:
+            left, right = (a.reshape(-1, a.shape[-1]) for a in (f.left, f.right))
+            flat[f.weight_index] = flat[f.weight_index] + left.T @ right
+        return (traces, jtu.tree_unflatten(struct, flat)), losses
+
+    def run_chunk_at(carry, start):  # slices `xs` in the loop: no chunked copy of the sequence
+        return run_chunk(carry, jtu.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk), xs))
+
+    length = jtu.tree_leaves(xs)[0].shape[0]
+    full, rest = divmod(length, chunk)
+    carry, losses = jax.lax.scan(run_chunk_at, (traces, zeros), jnp.arange(full) * chunk)
+    losses = losses.reshape(-1)
+    if rest:
+        carry, last = run_chunk(carry, jtu.tree_map(lambda a: a[full * chunk :], xs))
+        losses = jnp.concatenate([losses, last])
+    traces, grads = carry
+    return grads, losses, traces
 
 
 def _vmapped_mean(grad_fn: Callable, model, states, xs, targets, loss_fn: Callable, **kwargs):

@@ -23,8 +23,8 @@ from .._compiler import ETraceGraph, HiddenParamOpRelation
 from .._compiler._run import flatten_weights
 from .._ops import etp_op
 from ._inputs import check_traces
-from ._one_step import advance, apply_blocks, linearise_step, unflatten_grads
-from ._rule import AbstractOnlineAlgorithm
+from ._one_step import advance, apply_blocks, linearise_step, matmul_weights, unflatten_grads
+from ._rule import AbstractDeferringAlgorithm, GradFactors
 from ._window import check_window, window_init, WindowBuffer
 
 
@@ -130,8 +130,29 @@ def es_d_rtrl_step(
 
     `(traces, y, loss, grads)`.
     """
+    traces, y, loss, grads, _ = _step(graph, params, traces, x, target, loss_fn, batched, defer=False)
+    return traces, y, loss, grads
+
+
+def _deferrable(graph: ETraceGraph, window: int) -> dict[int, tuple[int, ...]]:
+    """The weights whose gradient a step can leave as factors, each with its equations: those used
+    only as the `w` of `etp_matmul`, whose terms are all outer products (`x_tᵀ c_t` through one
+    step, and `x̂ᵀ cot` from the traces where the equation is traced). A longer window
+    differentiates the weight through several steps: it stays dense."""
+    return matmul_weights(graph) if window <= 1 else {}
+
+
+def _rows(a):
+    """`a` as rows of its last axis (every leading axis, the batch's included, is a row)."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _step(graph, params, traces, x, target, loss_fn, batched, *, defer: bool):
+    """`es_d_rtrl_step`, with the gradients of the weights of `_deferrable` left as factors when
+    `defer`: `(traces, y, loss, grads, factors)`."""
     check_traces(traces, ESDRTRLTraces, es_d_rtrl_init, graph, params, batched=batched)
     operations = _traced_operations(graph)
+    deferred = _deferrable(graph, traces.window) if defer else {}
     lin = linearise_step(
         graph,
         params,
@@ -142,9 +163,13 @@ def es_d_rtrl_step(
         buffer=traces.buffer,
         diagonal=traces.window == 0,
         batched=batched,
+        defer=deferred,
     )
     weights = flatten_weights(graph, params)
     grads = list(lin.grads)
+    # Rows of the deferred weights' factors: first each equation's same-step `x_tᵀ c_t`.
+    left = {i: [_rows(lin.operands[e][0]) for e in eqns] for i, eqns in deferred.items()}
+    right = {i: [_rows(lin.output_cotangents[e]) for e in eqns] for i, eqns in deferred.items()}
     x_weight = traces.x_weight
     scale = 1 / jnp.maximum(x_weight, 1) if traces.normalise else None
     x_iter, f_iter = iter(traces.x_bar), iter(traces.f_bar)
@@ -160,9 +185,15 @@ def es_d_rtrl_step(
         f_bars = [next(f_iter) for _ in group_ids]
         # The history term's cotangent at the operation's output: Σ_g Σ_c f̄ λ.
         cot = sum(jnp.sum(f * lin.signal[g], axis=-1) for f, g in zip(f_bars, group_ids))
-        history = _history(op, rels[0], operands, x_hat, cot, weights, batched)
+        dense = any(rel.weight_index not in left for rel in rels)
+        history = _history(op, rels[0], operands, x_hat, cot, weights, batched) if dense else None
         for rel in rels:
-            grads[rel.weight_index] = grads[rel.weight_index] + history[rel.operand_index]
+            i = rel.weight_index
+            if i in left:  # the `w` of `x @ w + b`: the history term `x̂ᵀ cot` as rows
+                left[i].append(_rows(x_hat))
+                right[i].append(_rows(cot))
+            else:
+                grads[i] = grads[i] + history[rel.operand_index]
         for f, g in zip(f_bars, group_ids):
             blocks = jax.vmap(apply_blocks) if batched else apply_blocks
             new_f.append(blocks(lin.d_total[g], f) + lin.d_f[e][g])
@@ -179,7 +210,8 @@ def es_d_rtrl_step(
         normalise=traces.normalise,
         window=traces.window,
     )
-    return new, lin.y, lin.loss, unflatten_grads(params, grads)
+    factors = tuple(GradFactors(i, jnp.concatenate(left[i]), jnp.concatenate(right[i])) for i in deferred)
+    return new, lin.y, lin.loss, unflatten_grads(params, grads), factors
 
 
 def _scale(x_bar, scale):
@@ -215,10 +247,12 @@ def _history(op, rel: HiddenParamOpRelation, operands, x_bar, cot, weights, batc
     return [None] * start + [None if g.dtype == jax.dtypes.float0 else jnp.sum(g, axis=0) for g in grads]
 
 
-class ESDRTRL(AbstractOnlineAlgorithm):
+class ESDRTRL(AbstractDeferringAlgorithm):
     """ES-D-RTRL (pp_prop) as a rule object: `eqtrace.online_grad(..., algorithm=eqtrace.ESDRTRL(
     decay=0.8))`. Its `init` and `step` are [`eqtrace.es_d_rtrl_init`][] and
-    [`eqtrace.es_d_rtrl_step`][]; it steps whole batches at once.
+    [`eqtrace.es_d_rtrl_step`][]; it steps whole batches at once. With `window` 0 or 1, the drivers
+    take the gradients of the weights used only by `eqtrace.matmul` as factors and sum them over
+    many steps in one matmul, rather than add an outer product to each weight at every step.
 
     **Fields:**
 
@@ -241,6 +275,10 @@ class ESDRTRL(AbstractOnlineAlgorithm):
 
     def step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
         return es_d_rtrl_step(graph, params, traces, x, target, loss_fn, batched=batched)
+
+    def deferred_step(self, graph, params, traces, x, target, loss_fn, *, batched=False):
+        # With `window <= 1`, the weights used only as the `w` of `x @ w + b`: see `_deferrable`.
+        return _step(graph, params, traces, x, target, loss_fn, batched, defer=True)
 
     def traces_relation(self, relation):
         return True

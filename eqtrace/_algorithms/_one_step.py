@@ -8,7 +8,9 @@ per-position Jacobian blocks `D = ∂h/∂h_prev` and `D_f = ∂h/∂y`. On requ
 is instead the per-position diagonal of the full step Jacobian, the ETP operations' mixing included.
 """
 
-from collections.abc import Callable
+import functools
+import operator
+from collections.abc import Callable, Collection
 
 import equinox as eqx
 import jax
@@ -27,8 +29,8 @@ class StepLinearisation(eqx.Module):
 
     - `y`, `new_state`, `loss`: the step's output, new state pytree and loss.
     - `grads`: the exact gradient of the loss through the window, the anchor state held fixed, for
-      every trainable weight leaf (flat, `None` for the others: frozen or not inexact). With
-      `K = 1`: the same-step gradient.
+      every trainable weight leaf (flat, `None` for the others: frozen, not inexact or deferred).
+      With `K = 1`: the same-step gradient.
     - `signal`: per group, the learning signal `λ[..., c] = ∂L_t/∂h_anchor[..., c]` (`varshape +
       (S,)`): the history term of the gradient is `λ · ∂h_anchor/∂W`, which the traces estimate.
     - `advanced`: whether the window's first step is a real one (the traces advance over it).
@@ -42,6 +44,8 @@ class StepLinearisation(eqx.Module):
     - `d_local`: the blocks `δ` goes back through: with `diagonal`, those of `d_total` with the
       step's other new values held fixed (`δ` of a value already holds the paths through the values
       computed from it, as an LSTM's `δ_c` holds those through `h_t`); else `d_total` itself.
+    - `output_cotangents`: per equation index of a deferred weight's `etp_matmul`, the cotangent
+      `c = ∂L_t/∂y` at its output, so that the weight's gradient is `Σ xᵀ c` over its equations.
     """
 
     y: object
@@ -56,6 +60,7 @@ class StepLinearisation(eqx.Module):
     d_f: dict
     delta: tuple = ()
     d_local: tuple = ()
+    output_cotangents: dict = eqx.field(default_factory=dict)
 
 
 def _group_columns(paths, graph: ETraceGraph) -> list[list[int]]:
@@ -101,6 +106,21 @@ def _select(pred, a, b):
     )
 
 
+def matmul_weights(graph: ETraceGraph) -> dict[int, tuple[int, ...]]:
+    """The trainable weights used in the step only as the weight `w` of `etp_matmul` equations,
+    each with those equations' indices (`module_info.matmul_weights`). Their gradient through one
+    step is `Σ xᵀ c` over those equations (`c` the cotangent at the output), which
+    `linearise_step(..., defer=...)` can leave to its caller."""
+    trainable = trainable_mask(graph)
+    return {i: eqns for i, eqns in graph.module_info.matmul_weights.items() if trainable[i]}
+
+
+def _add_at(at: dict, var, p) -> None:
+    """Add the perturbation `p` to `var`'s value, after any hook already at `var`."""
+    before = at.get(var, lambda val: val)
+    at[var] = lambda val: before(val) + p
+
+
 def linearise_step(
     graph: ETraceGraph,
     params,
@@ -113,6 +133,7 @@ def linearise_step(
     diagonal: bool = False,
     full_jacobian: bool = False,
     batched: bool = False,
+    defer: Collection[int] = (),
 ) -> StepLinearisation:
     """Linearise step `t` of the compiled model (see [`StepLinearisation`][]).
 
@@ -127,6 +148,9 @@ def linearise_step(
     - `batched`: `x`, `state`, `target` (and the buffer) carry a leading batch axis; the loss is the
       batch mean and weight gradients contract the batch inside one matmul; every other field
       gains the leading batch axis.
+    - `defer`: weights of [`matmul_weights`][] (`K = 1` only) that the VJP holds constant: it gives
+      the cotangent at the output of each of their equations instead (`output_cotangents`), from
+      which the caller forms their gradient, and `grads` is `None` for them.
     """
     info = graph.module_info
     closed = info.closed_jaxpr
@@ -136,14 +160,25 @@ def linearise_step(
     pvars = perturb.perturb_vars if perturb is not None else ()
     hidden_index = {p: i for i, p in enumerate(info.hidden_paths)}
     traced = [hidden_index[p] for p in traced_paths]
-    inexact = trainable_mask(graph)  # frozen weights are constants of the step
-    diff_weights = [w for w, ok in zip(weights, inexact) if ok]
+    defer = sorted(defer)
+    eligible = matmul_weights(graph) if defer else {}
+    if defer and (buffer is not None or not set(defer) <= set(eligible)):
+        raise ValueError(
+            f"`defer` must name weights of `matmul_weights(graph)` ({sorted(eligible)}) in a step "
+            f"without a window buffer (`K <= 1`), got {defer}"
+            + (" with a buffer." if buffer is not None else ".")
+        )
+    deferred_eqns = sorted(e for i in defer for e in eligible[i])
+    deferred_vars = [closed.jaxpr.eqns[e].outvars[0] for e in deferred_eqns]
+    # Frozen and deferred weights are constants of the step.
+    differentiated = [ok and i not in defer for i, ok in enumerate(trainable_mask(graph))]
+    diff_weights = [w for w, ok in zip(weights, differentiated) if ok]
 
     def merge(dw):
         it = iter(dw)
-        return [next(it) if ok else w for w, ok in zip(weights, inexact)]
+        return [next(it) if ok else w for w, ok in zip(weights, differentiated)]
 
-    def example(dw, anchor_traced, ps, x, state, buffer, target):
+    def example(dw, anchor_traced, ps, qs, x, state, buffer, target):
         _, x_leaves, hidden = flatten_step_inputs(graph, params, x, state)
         anchor, inputs, valid = window_inputs(buffer, state, x_leaves)
         if buffer is not None:
@@ -167,7 +202,12 @@ def linearise_step(
                 outs = evaluate(closed, [*jax.lax.stop_gradient(w), *xs_k, *h], at_vars=detach)
                 direct = _loss(loss_fn, graph, outs, target)
                 args = [*w, *xs_k, *hidden]
-                at = {v: (lambda p: lambda val: val + p)(p) for v, p in zip(pvars, ps)}
+                for v, p in zip(pvars, ps):
+                    _add_at(at, v, p)
+            if k == k_last:
+                # The deferred weights' same-step gradient, through the cotangents at their outputs.
+                for v, q in zip(deferred_vars, qs):
+                    _add_at(at, v, q)
             record: dict = {}
             outs = evaluate(
                 closed,
@@ -198,9 +238,9 @@ def linearise_step(
 
     if batched:
 
-        def loss_of(dw, anchor_traced, ps):
-            losses, aux = jax.vmap(lambda a, p, *rest: example(dw, a, p, *rest))(
-                anchor_traced, ps, x, state, buffer, target
+        def loss_of(dw, anchor_traced, ps, qs):
+            losses, aux = jax.vmap(lambda a, p, q, *rest: example(dw, a, p, q, *rest))(
+                anchor_traced, ps, qs, x, state, buffer, target
             )
             return jnp.mean(losses), (losses, aux)
 
@@ -208,8 +248,8 @@ def linearise_step(
         lead = (jtu.tree_leaves(x)[0].shape[0],)
     else:
 
-        def loss_of(dw, anchor_traced, ps):
-            loss, aux = example(dw, anchor_traced, ps, x, state, buffer, target)
+        def loss_of(dw, anchor_traced, ps, qs):
+            loss, aux = example(dw, anchor_traced, ps, qs, x, state, buffer, target)
             return loss, (loss, aux)
 
         anchor0 = _traced_leaves(traced, state if buffer is None else buffer.anchor)
@@ -217,11 +257,12 @@ def linearise_step(
 
     avals = [info.hidden_avals[i] for i in traced]  # the perturbed new values keep the state's avals
     zeros_p = [jnp.zeros(lead + a.shape, a.dtype) for a in avals] if diagonal else []
-    _, vjp, (loss, aux) = jax.vjp(loss_of, diff_weights, anchor0, zeros_p, has_aux=True)
+    zeros_q = [jnp.zeros(lead + v.aval.shape, v.aval.dtype) for v in deferred_vars]
+    _, vjp, (loss, aux) = jax.vjp(loss_of, diff_weights, anchor0, zeros_p, zeros_q, has_aux=True)
     y, new_state, advanced, new_buffer, record, xs0, hidden0 = aux
-    g_w, g_h, g_p = vjp(jnp.ones((), loss.dtype))
+    g_w, g_h, g_p, g_q = vjp(jnp.ones((), loss.dtype))
     it = iter(g_w)
-    grads = [next(it) if ok else None for ok in inexact]
+    grads = [next(it) if ok else None for ok in differentiated]
     operands = {i: a for i, (a, _) in record.items()}
     outputs = {i: o for i, (_, o) in record.items()}
 
@@ -236,7 +277,19 @@ def linearise_step(
         delta = tuple(jnp.stack([g_p[k] for k in c], axis=-1) for c in cols)
         signal = tuple(s + jnp.einsum("...s,...sc->...c", dl, d) for s, dl, d in zip(signal, delta, d_local))
     return StepLinearisation(
-        y, new_state, loss, grads, signal, advanced, new_buffer, operands, d_total, d_f, delta, d_local
+        y,
+        new_state,
+        loss,
+        grads,
+        signal,
+        advanced,
+        new_buffer,
+        operands,
+        d_total,
+        d_f,
+        delta,
+        d_local,
+        dict(zip(deferred_eqns, g_q)),
     )
 
 
@@ -350,7 +403,9 @@ def apply_blocks(d: jax.Array, trace: jax.Array) -> jax.Array:
     """`Σ_c d[n, s, c] trace[..., n, c]`: per-position blocks acting on a trace whose trailing axes
     are `varshape + (S,)` (leading axes, e.g. a weight's input axis, are broadcast)."""
     d = jnp.broadcast_to(d, trace.shape[:-1] + d.shape[-2:])
-    return jnp.einsum("...sc,...c->...s", d, trace)
+    # Broadcast products, not an einsum (whose reshapes around a size-1 state axis keep XLA from
+    # updating a trace in place): element-wise, fused into the update.
+    return functools.reduce(operator.add, [d[..., c] * trace[..., c : c + 1] for c in range(trace.shape[-1])])
 
 
 def advance(lin: StepLinearisation, new, old):

@@ -5,7 +5,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
-from jaxtyping import Array, PyTree
+from jaxtyping import Array, Float, PyTree
 
 from .._compiler import ETraceGraph, HiddenParamOpRelation
 from ._inputs import check_traces
@@ -85,3 +85,45 @@ class AbstractOnlineAlgorithm(eqx.Module):
     def traces_relation(self, relation: HiddenParamOpRelation) -> bool:
         """Whether the rule keeps a trace for `relation`; a weight in no traced relation gets its
         exact gradient within the rule's window only."""
+
+
+class GradFactors(eqx.Module):
+    """One weight's gradient contribution left as factors: `leftᵀ @ right`, a sum of outer products
+    of their rows, which a driver can contract for many steps at once.
+
+    **Fields:**
+
+    - `weight_index`: the weight's index among the model's array leaves (`module_info.weight_paths`).
+    - `left`, `right`: `(rows, in_features)` and `(rows, out_features)`.
+    """
+
+    weight_index: int = eqx.field(static=True)
+    left: Float[Array, "rows in_features"]
+    right: Float[Array, "rows out_features"]
+
+
+class AbstractDeferringAlgorithm(AbstractOnlineAlgorithm):
+    """A rule that can leave the gradients of some weights as [`GradFactors`][]. At a small batch
+    each step adds only a low-rank update to such a weight; the drivers keep the factors of many
+    steps and contract them in one matmul, rather than read and write a weight-sized accumulator
+    every step. `step` gives the same gradients dense."""
+
+    @abc.abstractmethod
+    def deferred_step(
+        self,
+        graph: ETraceGraph,
+        params: PyTree,
+        traces: PyTree,
+        x: PyTree,
+        target: PyTree,
+        loss_fn: Callable,
+        *,
+        batched: bool = False,
+    ) -> tuple[PyTree, PyTree, Array, PyTree, tuple[GradFactors, ...]]:
+        """`step`, with the gradients of some weights left as factors.
+
+        **Returns:**
+
+        `(traces, y, loss, grads, factors)`: as for `step`, except that `grads` is `None` at the
+        weights of `factors`, which hold their gradient (`()`: none).
+        """

@@ -19,6 +19,7 @@ from ._freeze import freeze, frozen_paths
 from ._graph import ETraceGraph, HiddenPerturbation, ModuleInfo, Path
 from ._hidden_groups import find_hidden_groups
 from ._infer import infer_operations
+from ._matmul_weights import matmul_only_weights
 from ._relations import find_relations
 
 
@@ -301,6 +302,7 @@ def compile_etrace_graph(
         hidden_avals=hidden_avals,
         num_outputs=num_outputs,
         forward_differentiable=not calls_custom_vjp(jaxpr),
+        matmul_weights=matmul_only_weights(jaxpr, weight_vars),
     )
     hid_path_to_group = {p: g for g in groups for p in g.hidden_paths}
     graph = ETraceGraph(

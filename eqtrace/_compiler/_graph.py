@@ -35,6 +35,9 @@ class ModuleInfo:
     - `forward_differentiable`: `False` when the step calls a `jax.custom_vjp` function (such as an
       ODE solve with Diffrax's default adjoint), which forward-mode autodiff cannot differentiate:
       the rules then linearise the step in reverse mode.
+    - `matmul_weights`: weight index → the equations of `closed_jaxpr` that use it, for the weights
+      used only as the `w` of `eqtrace.matmul` (`x @ w + b`): their gradient through one step is
+      `Σ xᵀ c` over those equations (`c` the cotangent at the output).
     """
 
     closed_jaxpr: ClosedJaxpr
@@ -49,6 +52,9 @@ class ModuleInfo:
     hidden_avals: tuple[jax.ShapeDtypeStruct, ...]
     num_outputs: int
     forward_differentiable: bool = True
+    matmul_weights: Mapping[int, tuple[int, ...]] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
 
     @property
     def num_weights(self) -> int:
