@@ -12,11 +12,14 @@ import jax
 
 
 def time_calls(call, *, min_reps, max_reps, min_time):
-    """Median wall time of `call()` after one warm-up call: at least `min_reps` calls, more
+    """Median wall time of `call()` after two warm-up calls: at least `min_reps` calls, more
     (up to `max_reps`) while the total is under `min_time` seconds. A call slower than
-    `min_time` (the warm-up call, already compiled) is timed once: the warm-up is the result."""
-    t0 = time.perf_counter()
+    `min_time` (the second warm-up call, already compiled) is timed once: that call is the result.
+    (A process's first calls of a new executable can take up to twice as long: its buffers are
+    first touched then.)"""
     jax.block_until_ready(call())  # warm-up
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
     first = time.perf_counter() - t0
     if first > min_time:
         return first, 1

@@ -9,7 +9,7 @@ Usage:
 Model: `bench_d_rtrl.Net` (GRU + Linear readout), input 32, output 10, MSE on every step, T = 100.
 Each function is `eqtrace.batch_grad(eqtrace.online_grad, ..., algorithm=eqtrace.ESDRTRL(window=w))`
 under `jax.jit`, compiled once per value of `eqtrace._algorithms._drivers.CONTRACTION_ROWS` (`0`:
-dense, the path before deferral). The variants are timed in turns (`--rounds`), each turn the
+every weight gradient dense at every step). The variants are timed in turns (`--rounds`), each turn the
 median of at least five calls after a warm-up; the time reported is the median over the turns.
 """
 

@@ -58,7 +58,9 @@ def test_batched_step_equals_each_example_alone(name, rule, window):
     graph = eqtrace.compile_etrace_graph(model, jnp.zeros(shapes[name]), model.init_state())
     xs, targets, states = _batch(model, shapes[name], batch, T, jax.random.key(1))
     batched = eqx.filter_jit(lambda tr, x, t: rule.step(graph, model, tr, x, t, mse, batched=True))
-    single = eqx.filter_jit(jax.vmap(lambda tr, x, t: rule.step(graph, model, tr, x, t, mse), in_axes=(0, 0, 0)))
+    single = eqx.filter_jit(
+        jax.vmap(lambda tr, x, t: rule.step(graph, model, tr, x, t, mse), in_axes=(0, 0, 0))
+    )
     traces_b = traces_s = jax.vmap(lambda s: rule.init(graph, model, s))(states)
     for t in range(T):
         traces_b, y_b, loss_b, grads_b = batched(traces_b, xs[t], targets[t])

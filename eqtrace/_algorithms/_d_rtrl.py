@@ -181,7 +181,9 @@ def in_weight_layout(rel: HiddenParamOpRelation, per_position: jax.Array) -> jax
     return jnp.expand_dims(per_position, tuple(n + a for a in rel.input_axes))
 
 
-def contract(rel: HiddenParamOpRelation, signal: jax.Array, trace: jax.Array, *, batched: bool = False) -> jax.Array:
+def contract(
+    rel: HiddenParamOpRelation, signal: jax.Array, trace: jax.Array, *, batched: bool = False
+) -> jax.Array:
     """`Σ_{p,n,c} signal[p, n, c] trace[p, ..., n, c]`, weight-shaped (zero outside the part `rel`
     reads): a per-position signal (`varshape + (S,)`) against a trace, broadcast along the weight's
     input axes (and summed over the shared positions of a shared weight). `batched`: both carry a
@@ -195,7 +197,9 @@ def contract(rel: HiddenParamOpRelation, signal: jax.Array, trace: jax.Array, *,
     slices = [a[..., c : c + 1] for a in (signal, trace) for c in range(num_states)]
 
     def product(*slices):
-        return sum(s * t for s, t in zip(slices[:num_states], slices[num_states:]))
+        return functools.reduce(
+            operator.add, [s * t for s, t in zip(slices[:num_states], slices[num_states:])]
+        )
 
     part = (batch_sum(product, *slices) if batched else product(*slices))[..., 0]
     if rel.shared_axes:

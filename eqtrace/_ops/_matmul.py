@@ -14,7 +14,9 @@ def _position_jacobian(j, x, w, b=None):
     """`∂y[n]/∂W[i, n] = x[i]` and `∂y[n]/∂b[n] = 1`, for a vector `x` (position-diagonal)."""
     if x.ndim != 1:
         return None
-    return jnp.broadcast_to(x[:, None], w.shape) if j == 1 else jnp.ones_like(b)
+    if j == 1:
+        return jnp.broadcast_to(x[:, None], w.shape)
+    return None if b is None else jnp.ones_like(b)
 
 
 matmul_op = register_etp_op(
