@@ -1,5 +1,6 @@
 from . import nn as nn
 from ._algorithms import (
+    AbstractDeferringAlgorithm as AbstractDeferringAlgorithm,
     AbstractOnlineAlgorithm as AbstractOnlineAlgorithm,
     batch_grad as batch_grad,
     bptt_grad as bptt_grad,
@@ -13,6 +14,7 @@ from ._algorithms import (
     es_d_rtrl_step as es_d_rtrl_step,
     ESDRTRL as ESDRTRL,
     ESDRTRLTraces as ESDRTRLTraces,
+    GradFactors as GradFactors,
     online_grad as online_grad,
     OSTL as OSTL,
     OSTLTraces as OSTLTraces,

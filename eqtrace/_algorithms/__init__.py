@@ -18,7 +18,11 @@ from ._otpe import OTPE as OTPE, OTPETraces as OTPETraces
 from ._ottt import OTTT as OTTT, OTTTTraces as OTTTTraces
 from ._rflo import RFLO as RFLO
 from ._rtrl import RTRL as RTRL
-from ._rule import AbstractOnlineAlgorithm as AbstractOnlineAlgorithm
+from ._rule import (
+    AbstractDeferringAlgorithm as AbstractDeferringAlgorithm,
+    AbstractOnlineAlgorithm as AbstractOnlineAlgorithm,
+    GradFactors as GradFactors,
+)
 from ._snap import SnAp1 as SnAp1
 from ._streaming import Stream as Stream, StreamState as StreamState
 from ._truncated_bptt import TruncatedBPTT as TruncatedBPTT
