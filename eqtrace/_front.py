@@ -109,16 +109,19 @@ class ES_D_RTRL(_Algorithm):
 
     - `model`: a model with `model(x, state) -> (y, new_state)` and `model.init_state()`.
     - `decay`: the input traces' decay $\\alpha \\in [0, 1]$.
-    - `normalise`, `window`: see [`eqtrace.es_d_rtrl_init`][].
+    - `normalise`, `window`, `exact_step`: see [`eqtrace.es_d_rtrl_init`][].
     """
 
     model: eqx.Module
     decay: float = eqx.field(static=True, default=0.9)
     normalise: bool = eqx.field(static=True, default=True)
     window: int = eqx.field(static=True, default=1)
+    exact_step: bool = eqx.field(static=True, default=True)
 
     def _rule(self):
-        return ESDRTRL(decay=self.decay, normalise=self.normalise, window=self.window)
+        return ESDRTRL(
+            decay=self.decay, normalise=self.normalise, window=self.window, exact_step=self.exact_step
+        )
 
 
 pp_prop = ES_D_RTRL

@@ -275,14 +275,64 @@ def _shared_as_trace(rel, group, block, w_shape):
     return jnp.moveaxis(diag, 0, -1), off
 
 
+def new_value_signal(graph, weights, xs, hidden, target, loss_fn):
+    """`λ_t = ∂L_t/∂h_t` with each new hidden value an input of its own: the derivative `δ_t` by
+    additive perturbations `p` at the new values (whose effect reaches the values computed from them
+    and the loss), through the inverse of `∂h_t/∂p` (ETP inputs held fixed, as the output traces
+    are): `δ_t = λ_t ∂h_t/∂p`."""
+    traced = _traced_hidden(graph, hidden)
+    offsets, _ = _layout(graph)
+
+    def adds(flat_p):
+        return [flat_p[offsets[k] : offsets[k + 1]].reshape(hidden[i].shape) for k, i in enumerate(traced)]
+
+    def loss_of_perturbation(flat_p):
+        outs, _ = _run(graph, weights, xs, hidden, add=adds(flat_p))
+        return loss_fn(unflatten_step_outputs(graph, outs)[0], target)
+
+    zeros = jnp.zeros_like(_flat([hidden[i] for i in traced]))
+    delta = jax.grad(loss_of_perturbation)(zeros)
+    reach = jax.jacfwd(lambda p: _flat(_run(graph, weights, xs, hidden, cut=True, add=adds(p))[1]))(zeros)
+    return jnp.linalg.solve(reach.T, delta)
+
+
+def _untraced_matmul_grads(graph, weights, xs, hidden, target, loss_fn, grads, traced):
+    """Add to `grads` the exact same-step gradient of each `traced` weight used only by
+    `etp_matmul` through its equations that reach no hidden state (in no relation)."""
+    traced_eqns = {r.eqn_index for r in graph.hidden_param_op_relations}
+    for i, eqns in graph.module_info.matmul_weights.items():
+        for e in set(eqns) - traced_eqns if i in traced else ():
+
+            def loss_of_weight(w, e=e):
+                outs, _ = _run(graph, weights, xs, hidden, weight_override={(e, 1): w})
+                return loss_fn(unflatten_step_outputs(graph, outs)[0], target)
+
+            grads[i] = grads[i] + jax.grad(loss_of_weight)(weights[i])
+
+
 def es_d_rtrl_reference_step(
-    graph, model, state, x, target, loss_fn, memory, decay, window=1, normalise=True, override=None
+    graph,
+    model,
+    state,
+    x,
+    target,
+    loss_fn,
+    memory,
+    decay,
+    window=1,
+    normalise=True,
+    override=None,
+    exact_step=True,
 ):
     """One step of ES-D-RTRL (`window` 0 or 1) from full Jacobians.
 
     `memory["x"][e]` is the input trace of ETP equation `e` (a sum of `decay`-weighted inputs),
     `memory["w"]` the sum of their weights, `memory["f"][e]` its output trace as a full
     (hidden × output) matrix. Returns `(new_memory, grads, new_state)`.
+
+    `exact_step=False` (`window=0`): a traced weight's whole gradient is `x̂_t ⊗ F_t` (both traces
+    after the step) paired with `λ_t` of `new_value_signal`; a weight used only by `etp_matmul`
+    keeps the exact same-step gradient of its untraced equations, every untraced weight its own.
     """
     weights, xs, hidden, offsets, j_total, signals, grads = _step_parts(
         graph, model, state, x, target, loss_fn
@@ -292,6 +342,12 @@ def es_d_rtrl_reference_step(
         signal, grads = override
     weight = memory.get("w", 0.0)
     index = {p: i for i, p in enumerate(graph.module_info.weight_paths)}
+    if not exact_step:
+        signal = new_value_signal(graph, weights, xs, hidden, target, loss_fn)
+        traced = {index[r.weight_path] for r in graph.hidden_param_op_relations}
+        for g in traced:
+            grads[g] = jnp.zeros_like(grads[g])
+        _untraced_matmul_grads(graph, weights, xs, hidden, target, loss_fn, grads, traced)
     record = {}
     _run(graph, weights, xs, hidden, record=record)
     eqns = graph.module_info.closed_jaxpr.jaxpr.eqns
@@ -307,12 +363,14 @@ def es_d_rtrl_reference_step(
 
         dq_dy = jnp.where(rows[:, None], jax.jacfwd(q_of_y)(jnp.zeros(int(np.prod(y.shape)), y.dtype)), 0.0)
         f_old = memory["f"].get(e, jnp.zeros_like(dq_dy))
+        new["f"][e] = j_total @ f_old + dq_dy
         operands = list(record[e])
         if op.has_input:
             x_old = memory["x"].get(e, jnp.zeros_like(operands[0]))
             new["x"][e] = decay * x_old + operands[0]
-            operands[0] = x_old / max(weight, 1.0) if normalise else x_old
-        cot = signal @ f_old
+            x_in, w_in = (x_old, weight) if exact_step else (new["x"][e], new["w"])
+            operands[0] = x_in / max(w_in, 1.0) if normalise else x_in
+        cot = signal @ (f_old if exact_step else new["f"][e])
         for rel in rels:
             j = rel.operand_index
 
@@ -324,7 +382,6 @@ def es_d_rtrl_reference_step(
             jac = jax.jacfwd(y_of_weight)(jnp.ravel(operands[j]))
             g = index[rel.weight_path]
             grads[g] = grads[g] + (cot @ jac).reshape(weights[g].shape)
-        new["f"][e] = j_total @ f_old + dq_dy
     return new, grads, model(x, state)[1]
 
 

@@ -162,7 +162,7 @@ def online_grad(
       inexact leaves it leaves out are frozen: they get no trace and a `None` gradient. Default:
       the frozen leaves of `graph`, or none.
     - `options`: with a shorthand string, the rule's fields: `window=K` (default 1) for both
-      rules, and `decay=0.9`, `normalise=True` for ES-D-RTRL.
+      rules, and `decay=0.9`, `normalise=True`, `exact_step=True` for ES-D-RTRL.
 
     **Returns:**
 

@@ -103,7 +103,7 @@ class GradFactors(eqx.Module):
 
 
 class AbstractDeferringAlgorithm(AbstractOnlineAlgorithm):
-    """A rule that can leave the gradients of some weights as [`GradFactors`][]. At a small batch
+    """A rule that can leave the gradients of some weights as [`eqtrace.GradFactors`][]. At a small batch
     each step adds only a low-rank update to such a weight; the drivers keep the factors of many
     steps and contract them in one matmul, rather than read and write a weight-sized accumulator
     every step. `step` gives the same gradients dense."""
