@@ -134,16 +134,19 @@ def test_drivers_sum_the_public_steps(name, window, time, normalise, monkeypatch
     check_drivers_sum_steps(rule, model, state, xs, targets, mse, steps)
 
 
-@pytest.mark.parametrize("window", [0, 1])
+@pytest.mark.parametrize(
+    "rule",
+    [eqtrace.ESDRTRL(window=0), eqtrace.ESDRTRL(window=1), eqtrace.ESDRTRL(window=0, exact_step=False)],
+    ids=["window0", "window1", "estimated_step"],
+)
 @pytest.mark.parametrize("batched", [False, True])
-def test_continuing_with_traces_equals_one_call(window, batched, monkeypatch):
+def test_continuing_with_traces_equals_one_call(rule, batched, monkeypatch):
     """A sequence in two calls (`return_traces=True`, then `traces=`) gives one call's gradients
     and losses, though each call cuts its chunks at other steps than the one call."""
     monkeypatch.setattr(_drivers, "CONTRACTION_ROWS", ROWS)
     model = _model("gru")
     xs, targets = _sequences(9)
     state = model.init_state()
-    rule = eqtrace.ESDRTRL(window=window)
     if batched:
         state = jax.tree.map(lambda a: jnp.broadcast_to(a, (BATCH,) + a.shape), state)
         run = eqx.filter_jit(lambda *a, **k: eqtrace.batch_grad(eqtrace.online_grad, *a, **k))
@@ -157,6 +160,7 @@ def test_continuing_with_traces_equals_one_call(window, batched, monkeypatch):
     first, first_losses, traces = run(
         model, state, part(xs, 0, 4), part(targets, 0, 4), mse, algorithm=rule, return_traces=True
     )
+    assert (traces.window, traces.exact_step) == (rule.window, rule.exact_step)  # the options travel
     second, second_losses = run(
         model, None, part(xs, 4, 9), part(targets, 4, 9), mse, algorithm=rule, traces=traces
     )

@@ -146,29 +146,6 @@ def test_deferred_rows_replace_the_same_step_rows():
     assert {paths[f.weight_index]: f.left.shape[0] for f in factors} == {("w",): 3, ("out", "weight"): 1}
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_continuing_with_traces_equals_one_call(batched, monkeypatch):
-    monkeypatch.setattr(_drivers, "CONTRACTION_ROWS", ROWS)
-    model = _model("gru")
-    xs, targets = _sequences(9)
-    state = model.init_state()
-    if batched:
-        state = jax.tree.map(lambda a: jnp.broadcast_to(a, (xs.shape[0],) + a.shape), state)
-        run = eqx.filter_jit(lambda *a, **k: eqtrace.batch_grad(eqtrace.online_grad, *a, **k))
-        part = lambda a, lo, hi: a[:, lo:hi]  # noqa: E731
-    else:
-        xs, targets = xs[0], targets[0]
-        run = eqx.filter_jit(eqtrace.online_grad)
-        part = lambda a, lo, hi: a[lo:hi]  # noqa: E731
-    whole, _ = run(model, state, xs, targets, mse, algorithm=RULE)
-    first, _, traces = run(
-        model, state, part(xs, 0, 4), part(targets, 0, 4), mse, algorithm=RULE, return_traces=True
-    )
-    assert traces.exact_step is False
-    second, _ = run(model, None, part(xs, 4, 9), part(targets, 4, 9), mse, algorithm=RULE, traces=traces)
-    assert_tree_allclose(jax.tree.map(jnp.add, first, second), whole)
-
-
 def test_shorthand():
     model = _model("gru")
     xs, targets = _sequences(5)
